@@ -64,6 +64,7 @@ PID_NAMES=()
 
 TMP=""
 FAILED=0
+WRK_PID=""
 
 log() { printf '[proxy-bench] %s\n' "$*" >&2; }
 die() {
@@ -93,6 +94,7 @@ stop_pid() { # stop_pid PID NAME
 cleanup() {
     local rc=$? i
     trap - EXIT INT TERM
+    [[ -n $WRK_PID ]] && stop_pid "$WRK_PID" wrk
     # Stop in reverse start order (proxies before the upstream).
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         stop_pid "${PIDS[i]}" "${PID_NAMES[i]}"
@@ -348,10 +350,17 @@ parse_wrk() {
 # run_wrk OUTFILE CONNS DURATION URL
 run_wrk() {
     local out=$1 conns=$2 dur=$3 url=$4
-    "${LOAD_PIN[@]}" "$WRK" -t1 -c"$conns" -d"$dur" --latency "$url" >"$out" 2>&1 || {
+    # Run in the background and `wait`, so a signal interrupts the run at once
+    # (bash defers traps until a foreground child exits); cleanup stops it.
+    "${LOAD_PIN[@]}" "$WRK" -t1 -c"$conns" -d"$dur" --latency "$url" >"$out" 2>&1 &
+    WRK_PID=$!
+    local rc=0
+    wait "$WRK_PID" || rc=$?
+    WRK_PID=""
+    if ((rc != 0)); then
         cat "$out" >&2
-        die "wrk failed against $url"
-    }
+        die "wrk failed against $url (exit $rc)"
+    fi
 }
 
 # --------------------------------------------------------------------------

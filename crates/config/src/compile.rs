@@ -1,0 +1,684 @@
+//! Resources → [`Snapshot`]: resolve references, validate what serde cannot,
+//! build the router, and carry over upstreams a reload did not change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use turnpike_router::{RouteSpec, Router, Var};
+use turnpike_upstream::Kind;
+
+use crate::file::Resources;
+use crate::model::{self, Id, Plugins};
+use crate::snapshot::{
+    HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream,
+    UpstreamParts,
+};
+use crate::ConfigError;
+
+/// Compiles resources into a snapshot. `previous` lends its upstreams (and so
+/// their balancer state) to those that did not change. Every problem is
+/// reported, each with its resource and field path.
+pub fn compile(
+    res: &Resources,
+    previous: Option<&Snapshot>,
+    revision: u64,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut c = Compiler {
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        previous,
+        upstreams: HashMap::new(),
+    };
+    let upstream_ids = c.upstreams(res);
+    let services = c.services(res, &upstream_ids);
+    let plugin_configs = c.plugin_configs(res);
+    let (routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
+    c.opaque(res);
+    let router = match Router::build(&specs) {
+        Ok(r) => Some(r),
+        Err(errors) => {
+            for (i, e) in errors {
+                c.errors.push(ConfigError::new(
+                    format!("route {}", routes[i].id),
+                    e.path,
+                    e.message,
+                ));
+            }
+            None
+        }
+    };
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    Ok(Snapshot {
+        revision,
+        // Set whenever the list of errors is empty; checked just above.
+        router: router.expect("router built when there are no errors"),
+        routes,
+        upstreams: c.upstreams,
+        warnings: c.warnings,
+    })
+}
+
+struct Compiler<'p> {
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+    previous: Option<&'p Snapshot>,
+    upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+}
+
+struct ServiceRef {
+    upstream: Option<Arc<Upstream>>,
+    hosts: Vec<String>,
+    websocket: bool,
+}
+
+impl Compiler<'_> {
+    fn err(&mut self, resource: &str, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(resource, path, message));
+    }
+
+    fn upstreams(&mut self, res: &Resources) -> HashMap<Id, Arc<Upstream>> {
+        let mut by_id = HashMap::new();
+        for (i, u) in res.upstreams.iter().enumerate() {
+            let Some(id) = self.required_id(&u.id, "upstream", i) else {
+                continue;
+            };
+            let label = format!("upstream {id}");
+            if by_id.contains_key(&id) {
+                self.err(&label, "id", "duplicate id");
+                continue;
+            }
+            if let Some(up) = self.upstream(u, format!("upstreams/{id}"), &label, "") {
+                by_id.insert(id, up);
+            }
+        }
+        by_id
+    }
+
+    fn services(
+        &mut self,
+        res: &Resources,
+        upstreams: &HashMap<Id, Arc<Upstream>>,
+    ) -> HashMap<Id, ServiceRef> {
+        let mut by_id = HashMap::new();
+        for (i, s) in res.services.iter().enumerate() {
+            let Some(id) = self.required_id(&s.id, "service", i) else {
+                continue;
+            };
+            let label = format!("service {id}");
+            if by_id.contains_key(&id) {
+                self.err(&label, "id", "duplicate id");
+                continue;
+            }
+            self.no_plugins(&label, &s.plugins);
+            let upstream = match (&s.upstream, &s.upstream_id) {
+                (Some(u), _) => self.upstream(u, format!("services/{id}"), &label, "upstream"),
+                (None, Some(uid)) => {
+                    self.reference(upstreams, uid, &label, "upstream_id", "upstream")
+                }
+                (None, None) => None,
+            };
+            let hosts = s.hosts.clone().unwrap_or_default();
+            by_id.insert(
+                id,
+                ServiceRef {
+                    upstream,
+                    hosts,
+                    websocket: s.enable_websocket.unwrap_or(false),
+                },
+            );
+        }
+        by_id
+    }
+
+    fn plugin_configs(&mut self, res: &Resources) -> Vec<Id> {
+        let mut ids = Vec::new();
+        for (i, pc) in res.plugin_configs.iter().enumerate() {
+            let Some(id) = self.required_id(&pc.id, "plugin config", i) else {
+                continue;
+            };
+            let plugins = pc
+                .rest
+                .get("plugins")
+                .and_then(|p| serde_json::from_value::<Plugins>(p.clone()).ok());
+            self.no_plugins(&format!("plugin config {id}"), &plugins);
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn routes(
+        &mut self,
+        res: &Resources,
+        upstreams: &HashMap<Id, Arc<Upstream>>,
+        services: &HashMap<Id, ServiceRef>,
+        plugin_configs: &[Id],
+    ) -> (Vec<Route>, Vec<RouteSpec>) {
+        let mut seen = std::collections::HashSet::new();
+        let mut routes = Vec::new();
+        let mut specs = Vec::new();
+        for (i, r) in res.routes.iter().enumerate() {
+            // APISIX's standalone examples leave route ids out: number them by position.
+            let id = r.id.clone().unwrap_or_else(|| Id((i + 1).to_string()));
+            let label = format!("route {id}");
+            if !seen.insert(id.clone()) {
+                self.err(
+                    &label,
+                    "id",
+                    "duplicate id (routes without an id are numbered by position)",
+                );
+                continue;
+            }
+            if r.status > 1 {
+                self.err(&label, "status", "must be 1 (enabled) or 0 (disabled)");
+            }
+            self.no_plugins(&label, &r.plugins);
+            if let Some(pc) = &r.plugin_config_id {
+                if !plugin_configs.contains(pc) {
+                    self.err(
+                        &label,
+                        "plugin_config_id",
+                        format!("plugin config `{pc}` does not exist"),
+                    );
+                }
+            }
+            let service = match &r.service_id {
+                Some(sid) => match services.get(sid) {
+                    Some(s) => Some(s),
+                    None => {
+                        self.err(
+                            &label,
+                            "service_id",
+                            format!("service `{sid}` does not exist"),
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let upstream = match (&r.upstream, &r.upstream_id) {
+                (Some(u), _) => self.upstream(u, format!("routes/{id}"), &label, "upstream"),
+                (None, Some(uid)) => {
+                    self.reference(upstreams, uid, &label, "upstream_id", "upstream")
+                }
+                (None, None) => match service.and_then(|s| s.upstream.clone()) {
+                    Some(u) => Some(u),
+                    None => {
+                        self.err(&label, "upstream", "no upstream: set `upstream`, `upstream_id`, or a `service_id` whose service has one");
+                        None
+                    }
+                },
+            };
+            let spec = self.route_spec(r, &label, service);
+            let (Some(upstream), Some(spec)) = (upstream, spec) else {
+                continue;
+            };
+            if r.status == 0 {
+                continue;
+            }
+            let timeouts = self.timeouts(&label, "timeout", r.timeout.as_ref(), upstream.timeouts);
+            routes.push(Route {
+                id: id.0.into(),
+                service_id: r.service_id.as_ref().map(|s| s.0.as_str().into()),
+                websocket: r
+                    .enable_websocket
+                    .or(service.map(|s| s.websocket))
+                    .unwrap_or(false),
+                upstream,
+                timeouts,
+            });
+            specs.push(spec);
+        }
+        (routes, specs)
+    }
+
+    fn route_spec(
+        &mut self,
+        r: &model::Route,
+        label: &str,
+        service: Option<&ServiceRef>,
+    ) -> Option<RouteSpec> {
+        let uris = self.one_or_many(label, "uri", &r.uri, "uris", &r.uris)?;
+        let remote = self.one_or_many(
+            label,
+            "remote_addr",
+            &r.remote_addr,
+            "remote_addrs",
+            &r.remote_addrs,
+        )?;
+        let mut hosts = self.one_or_many(label, "host", &r.host, "hosts", &r.hosts)?;
+        let host_field = if r.host.is_some() { "host" } else { "hosts" };
+        if hosts.is_empty() {
+            hosts = service.map(|s| s.hosts.clone()).unwrap_or_default();
+        }
+        Some(RouteSpec {
+            uris,
+            hosts,
+            methods: r.methods.clone().unwrap_or_default(),
+            remote_addrs: remote,
+            vars: r.vars.clone(),
+            priority: r.priority,
+            fields: [
+                if r.uri.is_some() { "uri" } else { "uris" },
+                host_field,
+                if r.remote_addr.is_some() {
+                    "remote_addr"
+                } else {
+                    "remote_addrs"
+                },
+            ],
+        })
+    }
+
+    fn one_or_many(
+        &mut self,
+        label: &str,
+        one_name: &str,
+        one: &Option<String>,
+        many_name: &str,
+        many: &Option<Vec<String>>,
+    ) -> Option<Vec<String>> {
+        match (one, many) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    label,
+                    many_name,
+                    format!("set `{one_name}` or `{many_name}`, not both"),
+                );
+                None
+            }
+            (Some(v), None) => Some(vec![v.clone()]),
+            (None, Some(v)) => Some(v.clone()),
+            (None, None) => Some(Vec::new()),
+        }
+    }
+
+    fn reference(
+        &mut self,
+        map: &HashMap<Id, Arc<Upstream>>,
+        id: &Id,
+        label: &str,
+        field: &str,
+        kind: &str,
+    ) -> Option<Arc<Upstream>> {
+        let found = map.get(id).cloned();
+        if found.is_none() {
+            self.err(label, field, format!("{kind} `{id}` does not exist"));
+        }
+        found
+    }
+
+    fn required_id(&mut self, id: &Option<Id>, kind: &str, index: usize) -> Option<Id> {
+        if id.is_none() {
+            self.err(
+                &format!("{kind} #{}", index + 1),
+                "id",
+                "missing: this resource is referred to by id",
+            );
+        }
+        id.clone()
+    }
+
+    /// Plugins arrive with the plugin runtime; until then a route that asks
+    /// for one is refused rather than served without it.
+    fn no_plugins(&mut self, label: &str, plugins: &Option<Plugins>) {
+        for name in plugins.iter().flat_map(|p| p.keys()) {
+            self.err(
+                label,
+                format!("plugins.{name}"),
+                format!("plugin `{name}` is not available in this build"),
+            );
+        }
+    }
+
+    fn opaque(&mut self, res: &Resources) {
+        let unused = [
+            ("consumers", res.consumers.len()),
+            ("consumer_groups", res.consumer_groups.len()),
+            ("global_rules", res.global_rules.len()),
+            ("ssls", res.ssls.len()),
+            ("plugin_metadata", res.plugin_metadata.len()),
+        ];
+        for (kind, n) in unused.into_iter().filter(|(_, n)| *n > 0) {
+            self.warnings
+                .push(format!("{n} {kind} read but not used yet by this build"));
+        }
+        for (i, rule) in res.global_rules.iter().enumerate() {
+            let label = rule
+                .id
+                .as_ref()
+                .map_or(format!("global rule #{}", i + 1), |id| {
+                    format!("global rule {id}")
+                });
+            let plugins = rule
+                .rest
+                .get("plugins")
+                .and_then(|p| serde_json::from_value::<Plugins>(p.clone()).ok());
+            self.no_plugins(&label, &plugins);
+        }
+    }
+
+    /// Compiles an upstream, or reuses the previous snapshot's when its
+    /// config is unchanged (keeping balancer state).
+    fn upstream(
+        &mut self,
+        u: &model::Upstream,
+        key: String,
+        label: &str,
+        base: &str,
+    ) -> Option<Arc<Upstream>> {
+        let key: Arc<str> = key.into();
+        if let Some(prev) = self.previous.and_then(|p| p.upstreams.get(&key)) {
+            if prev.source == *u {
+                self.upstreams.insert(key, prev.clone());
+                return Some(prev.clone());
+            }
+        }
+        let errors_before = self.errors.len();
+        let at = |field: &str| {
+            if base.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{base}.{field}")
+            }
+        };
+        let kind = Kind::parse(&u.kind).or_else(|| {
+            self.err(
+                label,
+                at("type"),
+                "must be one of roundrobin, chash, least_conn, ewma",
+            );
+            None
+        });
+        let scheme = match u.scheme.as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            "grpc" => Scheme::Grpc,
+            "grpcs" => Scheme::Grpcs,
+            _ => {
+                self.err(
+                    label,
+                    at("scheme"),
+                    "must be one of http, https, grpc, grpcs",
+                );
+                Scheme::Http
+            }
+        };
+        let nodes = self.nodes(u, scheme, label, &at("nodes"));
+        let pass_host = match (u.pass_host.as_str(), &u.upstream_host) {
+            ("pass", _) => PassHost::Pass,
+            ("node", _) => PassHost::Node,
+            ("rewrite", Some(h)) if !h.is_empty() => PassHost::Rewrite(h.as_str().into()),
+            ("rewrite", _) => {
+                self.err(
+                    label,
+                    at("upstream_host"),
+                    "required when pass_host is `rewrite`",
+                );
+                PassHost::Pass
+            }
+            _ => {
+                self.err(label, at("pass_host"), "must be one of pass, node, rewrite");
+                PassHost::Pass
+            }
+        };
+        let hash_on = if kind == Some(Kind::Chash) {
+            self.hash_on(u, label, &at)
+        } else {
+            None
+        };
+        if u.discovery_type.is_some() || u.service_name.is_some() {
+            self.err(
+                label,
+                at("discovery_type"),
+                "service discovery is not available in this build: list `nodes`",
+            );
+        }
+        if u.checks.is_some() {
+            self.warnings.push(format!(
+                "{label}: {}: health checks are not available in this build; ignored",
+                at("checks")
+            ));
+        }
+        let retry_timeout = match u.retry_timeout {
+            Some(t) if t < 0.0 || !t.is_finite() => {
+                self.err(label, at("retry_timeout"), "must be 0 or more seconds");
+                None
+            }
+            Some(t) if t > 0.0 => Some(Duration::from_secs_f64(t)),
+            _ => None,
+        };
+        let timeouts = self.timeouts(
+            label,
+            &at("timeout"),
+            u.timeout.as_ref(),
+            Timeouts::default(),
+        );
+        let keepalive = self.keepalive(
+            label,
+            &at("keepalive_pool"),
+            u.keepalive_pool.unwrap_or_default(),
+        );
+        let tls_verify = match &u.tls {
+            Some(tls)
+                if tls.client_cert.is_some()
+                    || tls.client_key.is_some()
+                    || tls.client_cert_id.is_some() =>
+            {
+                self.err(
+                    label,
+                    at("tls.client_cert"),
+                    "client certificates to upstreams are not available in this build",
+                );
+                false
+            }
+            Some(tls) => tls.verify,
+            None => false,
+        };
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        let parts = UpstreamParts {
+            key: key.clone(),
+            kind: kind?,
+            nodes,
+            hash_on,
+            retries: u.retries,
+            retry_timeout,
+            timeouts,
+            pass_host,
+            scheme,
+            tls_verify,
+            keepalive,
+        };
+        let up = Arc::new(Upstream::new(u.clone(), parts));
+        self.upstreams.insert(key, up.clone());
+        Some(up)
+    }
+
+    fn nodes(&mut self, u: &model::Upstream, scheme: Scheme, label: &str, at: &str) -> Vec<Node> {
+        let mut out = Vec::new();
+        match &u.nodes {
+            None => {}
+            Some(model::Nodes::Map(map)) => {
+                for (addr, &weight) in map {
+                    match split_host_port(addr) {
+                        Some((host, port)) => out.push(Node::new(
+                            host,
+                            port.unwrap_or(scheme.default_port()),
+                            weight,
+                            0,
+                            scheme,
+                        )),
+                        None => self.err(label, format!("{at}.{addr}"), "expected host:port"),
+                    }
+                }
+            }
+            Some(model::Nodes::List(list)) => {
+                for (i, n) in list.iter().enumerate() {
+                    let host = n.host.trim_start_matches('[').trim_end_matches(']');
+                    if !valid_host(host) {
+                        self.err(
+                            label,
+                            format!("{at}[{i}].host"),
+                            "expected an IP address or a host name",
+                        );
+                        continue;
+                    }
+                    let port = n.port.unwrap_or(scheme.default_port());
+                    if port == 0 {
+                        self.err(label, format!("{at}[{i}].port"), "must be 1 to 65535");
+                        continue;
+                    }
+                    out.push(Node::new(host, port, n.weight, n.priority, scheme));
+                }
+            }
+        }
+        out
+    }
+
+    fn hash_on(
+        &mut self,
+        u: &model::Upstream,
+        label: &str,
+        at: &dyn Fn(&str) -> String,
+    ) -> Option<HashOn> {
+        let key = u.key.as_deref().filter(|k| !k.is_empty());
+        let need_key = |c: &mut Self| {
+            c.err(
+                label,
+                at("key"),
+                "required for type chash (what to hash on)",
+            );
+            None
+        };
+        match (u.hash_on.as_str(), key) {
+            ("consumer", _) => Some(HashOn::Consumer),
+            ("vars", Some(k)) => match Var::parse(k) {
+                Ok(v) => Some(HashOn::Vars(v)),
+                Err(e) => {
+                    self.err(label, at("key"), e);
+                    None
+                }
+            },
+            ("header", Some(k)) => Some(HashOn::Header(k.to_ascii_lowercase().into())),
+            ("cookie", Some(k)) => Some(HashOn::Cookie(k.into())),
+            ("vars_combinations", Some(k)) => match combination(k) {
+                Ok(parts) => Some(HashOn::Combination(parts.into())),
+                Err(e) => {
+                    self.err(label, at("key"), e);
+                    None
+                }
+            },
+            ("vars" | "header" | "cookie" | "vars_combinations", None) => need_key(self),
+            _ => {
+                self.err(
+                    label,
+                    at("hash_on"),
+                    "must be one of vars, header, cookie, consumer, vars_combinations",
+                );
+                None
+            }
+        }
+    }
+
+    fn timeouts(
+        &mut self,
+        label: &str,
+        at: &str,
+        t: Option<&model::Timeout>,
+        base: Timeouts,
+    ) -> Timeouts {
+        let Some(t) = t else { return base };
+        let mut one = |name: &str, v: Option<f64>, default: Duration| match v {
+            None => default,
+            Some(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+            Some(_) => {
+                self.err(label, format!("{at}.{name}"), "must be more than 0 seconds");
+                default
+            }
+        };
+        Timeouts {
+            connect: one("connect", t.connect, base.connect),
+            send: one("send", t.send, base.send),
+            read: one("read", t.read, base.read),
+        }
+    }
+
+    fn keepalive(&mut self, label: &str, at: &str, k: model::KeepalivePool) -> Keepalive {
+        if k.size == 0 {
+            self.err(label, format!("{at}.size"), "must be at least 1");
+        }
+        if k.requests == 0 {
+            self.err(label, format!("{at}.requests"), "must be at least 1");
+        }
+        if !(k.idle_timeout >= 0.0 && k.idle_timeout.is_finite()) {
+            self.err(
+                label,
+                format!("{at}.idle_timeout"),
+                "must be 0 or more seconds",
+            );
+        }
+        Keepalive {
+            size: k.size as usize,
+            idle_timeout: Duration::from_secs_f64(k.idle_timeout.max(0.0).min(1e9)),
+            requests: k.requests,
+        }
+    }
+}
+
+/// `$host$uri` → [Var(host), Var(uri)]; text between variables is kept.
+fn combination(template: &str) -> Result<Vec<KeyPart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(at) = rest.find('$') {
+        if at > 0 {
+            parts.push(KeyPart::Literal(rest[..at].into()));
+        }
+        let name_len = rest[at + 1..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len() - at - 1);
+        let name = &rest[at + 1..at + 1 + name_len];
+        parts.push(KeyPart::Var(Var::parse(name)?));
+        rest = &rest[at + 1 + name_len..];
+    }
+    if !rest.is_empty() {
+        parts.push(KeyPart::Literal(rest.into()));
+    }
+    if !parts.iter().any(|p| matches!(p, KeyPart::Var(_))) {
+        return Err("expected at least one $variable, as in $host$uri".into());
+    }
+    Ok(parts)
+}
+
+/// `127.0.0.1:80`, `[::1]:80`, `example.com` (no port).
+fn split_host_port(addr: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else if addr.matches(':').count() > 1 {
+        (addr, None)
+    } else {
+        match addr.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (addr, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0)?),
+        None => None,
+    };
+    valid_host(host).then_some((host, port))
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,292 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::parse;
+
+fn compile_text(text: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    compile(&parse(text).expect("parses").resources, None, 1)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    compile_text(text)
+        .unwrap_err()
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+#[test]
+fn references_resolve_as_apisix() {
+    let s = compile_text(
+        r#"
+upstreams:
+  - id: u1
+    nodes: {"127.0.0.1:8001": 1}
+services:
+  - id: s1
+    upstream_id: u1
+    hosts: ["svc.example.com"]
+  - id: s2
+    upstream: {nodes: {"127.0.0.1:8002": 1}}
+routes:
+  - {id: inline, uri: /a, upstream: {nodes: {"127.0.0.1:8003": 1}}}
+  - {id: by-id, uri: /b, upstream_id: u1}
+  - {id: via-service, uri: /c, service_id: s1}
+  - {id: own-wins, uri: /d, service_id: s2, upstream_id: u1}
+  - {id: off, uri: /e, upstream_id: u1, status: 0}
+"#,
+    )
+    .unwrap();
+    let ids: Vec<&str> = s.routes.iter().map(|r| &*r.id).collect();
+    assert_eq!(
+        ids,
+        vec!["inline", "by-id", "via-service", "own-wins"],
+        "disabled routes are left out"
+    );
+    assert_eq!(&*s.routes[0].upstream.key, "routes/inline");
+    assert_eq!(&*s.routes[1].upstream.key, "upstreams/u1");
+    assert!(Arc::ptr_eq(&s.routes[1].upstream, &s.routes[2].upstream));
+    assert_eq!(&*s.routes[3].upstream.key, "upstreams/u1");
+    assert_eq!(s.routes[2].service_id.as_deref(), Some("s1"));
+}
+
+#[test]
+fn service_hosts_apply_to_routes_without_their_own() {
+    let s = compile_text(
+        r#"
+services:
+  - {id: s1, hosts: ["svc.example.com"], upstream: {nodes: {"127.0.0.1:1": 1}}}
+routes:
+  - {id: 1, uri: /x, service_id: s1}
+"#,
+    )
+    .unwrap();
+    let vars = std::collections::HashMap::<&str, &str>::new();
+    let req = |host| turnpike_router::Request {
+        path: "/x",
+        host,
+        method: "GET",
+        remote: None,
+        vars: &vars,
+    };
+    assert_eq!(s.router.find(&req("svc.example.com")), Some(0));
+    assert_eq!(s.router.find(&req("other")), None);
+}
+
+#[test]
+fn missing_references_are_refused() {
+    let errs = errors(
+        r#"
+routes:
+  - {id: 1, uri: /a, upstream_id: nope}
+  - {id: 2, uri: /b, service_id: gone}
+  - {id: 3, uri: /c}
+  - {id: 4, uri: /d, upstream_id: nope, plugin_config_id: pc9}
+"#,
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "route 1: upstream_id: upstream `nope` does not exist",
+            "route 2: service_id: service `gone` does not exist",
+            "route 3: upstream: no upstream: set `upstream`, `upstream_id`, or a `service_id` whose service has one",
+            "route 4: plugin_config_id: plugin config `pc9` does not exist",
+            "route 4: upstream_id: upstream `nope` does not exist",
+        ]
+    );
+}
+
+#[test]
+fn upstream_fields_are_checked_with_paths() {
+    let errs = errors(
+        r#"
+upstreams:
+  - id: 1
+    type: random
+    scheme: tcp
+    pass_host: rewrite
+    nodes: {"127.0.0.1:0": 1, "bad host": 1}
+    timeout: {connect: 0, read: -1}
+    keepalive_pool: {size: 0}
+  - id: 2
+    type: chash
+    nodes: [{host: "127.0.0.1", port: 80, weight: 1}]
+  - id: 3
+    type: chash
+    key: nope_var
+    nodes: [{host: "", port: 80, weight: 1}]
+"#,
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "upstream 1: type: must be one of roundrobin, chash, least_conn, ewma",
+            "upstream 1: scheme: must be one of http, https, grpc, grpcs",
+            "upstream 1: nodes.127.0.0.1:0: expected host:port",
+            "upstream 1: nodes.bad host: expected host:port",
+            "upstream 1: upstream_host: required when pass_host is `rewrite`",
+            "upstream 1: timeout.connect: must be more than 0 seconds",
+            "upstream 1: timeout.read: must be more than 0 seconds",
+            "upstream 1: keepalive_pool.size: must be at least 1",
+            "upstream 2: key: required for type chash (what to hash on)",
+            "upstream 3: nodes[0].host: expected an IP address or a host name",
+            "upstream 3: key: unknown variable `nope_var` (known: uri, request_uri, host, request_method, scheme, remote_addr, remote_port, server_addr, server_port, args, arg_*, http_*, cookie_*, route_id, service_id, consumer_name, upstream_addr, status, request_id)",
+        ]
+    );
+}
+
+#[test]
+fn inline_upstream_errors_carry_the_upstream_prefix() {
+    let errs =
+        errors("routes:\n  - {id: 1, uri: /a, upstream: {type: x, nodes: {\"127.0.0.1:1\": 1}}}\n");
+    assert_eq!(
+        errs,
+        vec!["route 1: upstream.type: must be one of roundrobin, chash, least_conn, ewma"]
+    );
+}
+
+#[test]
+fn router_errors_name_the_route() {
+    let errs = errors(
+        r#"
+routes:
+  - {id: 7, uri: "/a/*/b", upstream: {nodes: {"127.0.0.1:1": 1}}}
+  - {id: 8, uris: ["/x"], uri: "/y", upstream: {nodes: {"127.0.0.1:1": 1}}}
+  - {id: 9, uri: "/z", vars: [["arg_a", "=~", "1"]], upstream: {nodes: {"127.0.0.1:1": 1}}}
+"#,
+    );
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs[0].starts_with("route 8: uris: set `uri` or `uris`, not both"),
+        "{errs:?}"
+    );
+    assert!(errs[1].starts_with("route 7: uri: `/a/*/b`"), "{errs:?}");
+    assert!(
+        errs[2].starts_with("route 9: vars[0][1]: unknown operator"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn duplicate_and_missing_ids() {
+    let errs = errors(
+        r#"
+upstreams:
+  - {nodes: {"127.0.0.1:1": 1}}
+routes:
+  - {id: 1, uri: /a, upstream: {nodes: {"127.0.0.1:1": 1}}}
+  - {id: 1, uri: /b, upstream: {nodes: {"127.0.0.1:1": 1}}}
+"#,
+    );
+    assert_eq!(
+        errs[0],
+        "upstream #1: id: missing: this resource is referred to by id"
+    );
+    assert!(errs[1].starts_with("route 1: id: duplicate id"));
+}
+
+#[test]
+fn plugins_are_refused_until_the_runtime_exists() {
+    let errs = errors("routes:\n  - {id: 1, uri: /a, plugins: {key-auth: {}}, upstream: {nodes: {\"127.0.0.1:1\": 1}}}\n");
+    assert_eq!(
+        errs,
+        vec!["route 1: plugins.key-auth: plugin `key-auth` is not available in this build"]
+    );
+}
+
+#[test]
+fn unchanged_upstreams_are_carried_over_and_changed_ones_rebuilt() {
+    let v1 = "upstreams:\n  - {id: a, nodes: {\"127.0.0.1:1\": 1}}\n  - {id: b, nodes: {\"127.0.0.1:2\": 1}}\nroutes:\n  - {id: 1, uri: /a, upstream_id: a}\n  - {id: 2, uri: /b, upstream_id: b}\n";
+    let v2 = v1.replace("127.0.0.1:2\": 1", "127.0.0.1:2\": 5");
+    let first = compile_text(v1).unwrap();
+    let second = compile(&parse(&v2).unwrap().resources, Some(&first), 2).unwrap();
+    assert!(Arc::ptr_eq(
+        &first.upstreams["upstreams/a"],
+        &second.upstreams["upstreams/a"]
+    ));
+    assert!(!Arc::ptr_eq(
+        &first.upstreams["upstreams/b"],
+        &second.upstreams["upstreams/b"]
+    ));
+    assert_eq!(second.revision, 2);
+}
+
+#[test]
+fn node_priorities_form_fallback_groups() {
+    let s = compile_text(
+        r#"
+routes:
+  - id: 1
+    uri: /a
+    upstream:
+      nodes:
+        - {host: 127.0.0.1, port: 1, weight: 1, priority: 0}
+        - {host: 127.0.0.1, port: 2, weight: 1, priority: 10}
+        - {host: 127.0.0.1, port: 3, weight: 1, priority: -1}
+"#,
+    )
+    .unwrap();
+    let up = &s.routes[0].upstream;
+    assert_eq!(up.pick(None, &[]), Some(1));
+    assert_eq!(up.pick(None, &[1]), Some(0));
+    assert_eq!(up.pick(None, &[1, 0]), Some(2));
+    assert_eq!(up.pick(None, &[0, 1, 2]), None);
+    assert_eq!(up.max_attempts(), 3);
+}
+
+#[test]
+fn node_addresses_and_authorities() {
+    let s = compile_text(
+        r#"
+routes:
+  - {id: 1, uri: /a, upstream: {scheme: https, nodes: {"[::1]:8443": 1, "example.com": 1, "10.0.0.1:443": 1}}}
+"#,
+    )
+    .unwrap();
+    let nodes = &s.routes[0].upstream.nodes;
+    let view: Vec<(&str, &str)> = nodes.iter().map(|n| (&*n.addr, &*n.authority)).collect();
+    assert_eq!(
+        view,
+        vec![
+            ("10.0.0.1:443", "10.0.0.1"),
+            ("[::1]:8443", "[::1]:8443"),
+            ("example.com:443", "example.com")
+        ]
+    );
+}
+
+#[test]
+fn route_timeout_overrides_upstream_timeout() {
+    let s = compile_text("routes:\n  - {id: 1, uri: /a, timeout: {read: 2}, upstream: {timeout: {connect: 1, read: 5}, nodes: {\"127.0.0.1:1\": 1}}}\n").unwrap();
+    let t = s.routes[0].timeouts;
+    assert_eq!(t.connect, Duration::from_secs(1));
+    assert_eq!(t.read, Duration::from_secs(2));
+    assert_eq!(t.send, Duration::from_secs(60));
+}
+
+#[test]
+fn vars_combination_templates() {
+    assert_eq!(
+        combination("$host-$uri").unwrap(),
+        vec![
+            KeyPart::Var(Var::Host),
+            KeyPart::Literal("-".into()),
+            KeyPart::Var(Var::Uri)
+        ]
+    );
+    assert!(combination("plain").is_err());
+    assert!(combination("$nope").is_err());
+}
+
+#[test]
+fn ten_thousand_routes_compile() {
+    let mut text = String::from("routes:\n");
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "  - {{id: {i}, uri: \"/svc/{i}/*\", upstream: {{nodes: {{\"127.0.0.1:{}\": 1}}}}}}\n",
+            1000 + i % 50
+        ));
+    }
+    let s = compile_text(&text).unwrap();
+    assert_eq!(s.routes.len(), 10_000);
+}

@@ -1,0 +1,154 @@
+//! Node settings: the `gateway:` key of the config file.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// HTTP/1.1 and h2c listeners.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// HTTPS listeners (certificates from `ssls`).
+    #[serde(default)]
+    pub tls_listen: Vec<String>,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub config_provider: Provider,
+    pub etcd: Option<Value>,
+    pub redis: Option<Value>,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: String,
+    /// Worker threads, each with its own listeners and pools; 0 = one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// How long in-flight requests may run after SIGTERM before the process exits.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Log level filter when RUST_LOG is not set (`info`, `debug`, …).
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Default::default()))
+            .expect("every gateway field has a default")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: String,
+    pub key: Option<String>,
+    pub allow_admin: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    #[serde(default = "default_status_listen")]
+    pub listen: String,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            listen: default_status_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    #[default]
+    File,
+    Embedded,
+    Etcd,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["0.0.0.0:9080".into()]
+}
+fn default_status_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_data_dir() -> String {
+    "./data".into()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Accepts `10`, `1.5` (seconds) or `"10s"`, `"250ms"`, `"2m"`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = Value::deserialize(d)?;
+    parse_duration(&v).ok_or_else(|| {
+        serde::de::Error::custom("expected a duration such as 10, \"10s\" or \"250ms\"")
+    })
+}
+
+pub fn parse_duration(v: &Value) -> Option<Duration> {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|s| *s >= 0.0)
+            .map(Duration::from_secs_f64),
+        Value::String(s) => {
+            let s = s.trim();
+            let (num, unit) = s
+                .find(|c: char| c.is_ascii_alphabetic())
+                .map_or((s, "s"), |i| s.split_at(i));
+            let n: f64 = num.trim().parse().ok().filter(|n: &f64| *n >= 0.0)?;
+            let secs = match unit {
+                "ms" => n / 1000.0,
+                "s" => n,
+                "m" => n * 60.0,
+                "h" => n * 3600.0,
+                _ => return None,
+            };
+            Some(Duration::from_secs_f64(secs))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_follow_apisix_ports() {
+        let g = Gateway::default();
+        assert_eq!(g.listen, vec!["0.0.0.0:9080"]);
+        assert_eq!(g.status.listen, "127.0.0.1:9090");
+        assert_eq!(g.config_provider, Provider::File);
+        assert_eq!(g.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration(&json!(2)), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_duration(&json!("250ms")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration(&json!("1.5s")),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_duration(&json!("2m")), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration(&json!("2 weeks")), None);
+        assert_eq!(parse_duration(&json!(-1)), None);
+    }
+}
