@@ -1,1 +1,53 @@
-//! placeholder
+//! Turnpike's data plane: listeners, the request path, upstream connections,
+//! and the status listener.
+//!
+//! The binary builds a [`Shared`] holding the current [`Snapshot`], starts a
+//! [`Server`] and the status listener, and swaps new snapshots into
+//! `Shared::snapshot` as the configuration changes; each request loads the
+//! snapshot once and keeps it to the end, so a swap never disturbs traffic.
+//! See `crates/turnpike/src/main.rs` for the wiring.
+
+mod body;
+mod error;
+mod handler;
+mod headers;
+mod pool;
+mod server;
+mod status;
+mod timed;
+mod tls;
+mod upgrade;
+mod vars;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+use turnpike_config::Snapshot;
+
+pub use body::ProxyBody;
+pub use server::Server;
+pub use status::serve_status;
+
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// State shared by the workers and the control plane.
+pub struct Shared {
+    /// The configuration being served; replaced whole on each change.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// A configuration has been loaded (for `/readyz`).
+    pub ready: AtomicBool,
+    /// Shutdown has begun (for `/readyz`).
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+        })
+    }
+}

@@ -1,1 +1,259 @@
-fn main() {}
+//! The `turnpike` binary: `run`, `check` and `version`.
+//!
+//! `run` loads the config file, compiles it into a snapshot, starts the
+//! workers and the status listener, then reloads the snapshot whenever the
+//! file changes (or on SIGHUP) until SIGTERM or SIGINT starts a drain.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
+use turnpike_proxy::{serve_status, Server, Shared};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "turnpike",
+    about = "Turnpike API gateway",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve traffic with the given config file.
+    Run {
+        #[arg(short, long, default_value = "conf/turnpike.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file; exits 1 naming each bad resource and field.
+    Check {
+        #[arg(short, long, default_value = "conf/turnpike.yaml")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Version => {
+            println!("turnpike {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+/// Loads and compiles the file; `previous` lends unchanged upstreams.
+fn load(
+    path: &Path,
+    previous: Option<&Snapshot>,
+) -> Result<(ConfigFile, Snapshot), Vec<ConfigError>> {
+    let file = turnpike_config::load(path)?;
+    let mut errors = settings_errors(&file.gateway);
+    let revision = previous.map_or(1, |p| p.revision + 1);
+    match turnpike_config::compile(&file.resources, previous, revision) {
+        Ok(snapshot) if errors.is_empty() => Ok((file, snapshot)),
+        Ok(_) => Err(errors),
+        Err(e) => {
+            errors.extend(e);
+            Err(errors)
+        }
+    }
+}
+
+/// Node settings this build cannot honour are refused, not ignored.
+fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if g.config_provider != Provider::File {
+        errors.push(ConfigError::new(
+            "gateway",
+            "config_provider",
+            "only `file` is available in this build (embedded and etcd stores are on the way)",
+        ));
+    }
+    if !g.tls_listen.is_empty() {
+        errors.push(ConfigError::new(
+            "gateway",
+            "tls_listen",
+            "TLS listeners are not available in this build",
+        ));
+    }
+    if g.listen.is_empty() {
+        errors.push(ConfigError::new(
+            "gateway",
+            "listen",
+            "at least one address is needed",
+        ));
+    }
+    errors
+}
+
+fn check(path: &Path) -> ExitCode {
+    match load(path, None) {
+        Ok((file, snapshot)) => {
+            for w in file.warnings.iter().chain(&snapshot.warnings) {
+                println!("{}: warning: {w}", path.display());
+            }
+            println!(
+                "{}: ok ({} routes, {} upstreams)",
+                path.display(),
+                snapshot.routes.len(),
+                snapshot.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{}: {e}", path.display());
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let (file, snapshot) = match load(path, None) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{}: {e}", path.display());
+            }
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(&file.gateway.log_level);
+    for w in file.warnings.iter().chain(&snapshot.warnings) {
+        tracing::warn!("{w}");
+    }
+    if file.gateway.admin.is_some() {
+        tracing::warn!("gateway.admin: the Admin API is not available in this build; the config file is the source of truth");
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the control runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(serve(path, file.gateway, snapshot)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("turnpike: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+}
+
+async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Result<()> {
+    let routes = snapshot.routes.len();
+    let shared = Shared::new(snapshot);
+    let server = Server::start(
+        &gateway.listen,
+        gateway.workers,
+        gateway.shutdown_timeout,
+        shared.clone(),
+    )?;
+    let status = serve_status(&gateway.status.listen, shared.clone()).await?;
+    tracing::info!(listen = ?server.addrs(), status = %status, routes, "turnpike is serving");
+
+    let reloader = Arc::new(Reloader {
+        path: path.to_path_buf(),
+        shared: shared.clone(),
+        gateway,
+        lock: Mutex::new(()),
+    });
+    let on_change = reloader.clone();
+    let _watch =
+        turnpike_config::watch_file(path, move || on_change.reload("the config file changed"))
+            .map_err(|e| std::io::Error::other(format!("cannot watch {}: {e}", path.display())))?;
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let r = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    shared.draining.store(true, Ordering::Release);
+    tracing::info!("draining: no new connections; in-flight requests may finish");
+    let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Applies config file changes, one at a time.
+struct Reloader {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    gateway: Gateway,
+    lock: Mutex<()>,
+}
+
+impl Reloader {
+    fn reload(&self, why: &str) {
+        // A poisoned lock only means an earlier reload panicked; reloading is
+        // still safe because a snapshot is swapped in whole or not at all.
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.shared.snapshot.load_full();
+        match load(&self.path, Some(&previous)) {
+            Ok((file, snapshot)) => {
+                for w in file.warnings.iter().chain(&snapshot.warnings) {
+                    tracing::warn!("{w}");
+                }
+                if settings_changed(&self.gateway, &file.gateway) {
+                    tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
+                }
+                let (revision, routes) = (snapshot.revision, snapshot.routes.len());
+                self.shared.snapshot.store(Arc::new(snapshot));
+                tracing::info!(revision, routes, "configuration reloaded ({why})");
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!("config refused: {e}");
+                }
+                tracing::error!(
+                    revision = previous.revision,
+                    "{} error(s): still serving the previous configuration",
+                    errors.len()
+                );
+            }
+        }
+    }
+}
+
+fn settings_changed(a: &Gateway, b: &Gateway) -> bool {
+    a.listen != b.listen || a.status.listen != b.status.listen || a.workers != b.workers
+}

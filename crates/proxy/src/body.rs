@@ -1,0 +1,196 @@
+//! The one body type of the request path, so no body is boxed.
+//!
+//! An upstream response body carries its connection back to the pool when
+//! it ends, and enforces the read timeout between two reads, as nginx's
+//! `proxy_read_timeout` does.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::handler::LoadGuard;
+use crate::pool::Pooled;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub enum ProxyBody {
+    Empty,
+    Full(Option<Bytes>),
+    /// A client's request body on its way upstream.
+    Incoming(Incoming),
+    /// The same, announcing when it has been sent whole.
+    Request(RequestBody),
+    /// An upstream's response body on its way to the client.
+    Upstream(Box<UpstreamBody>),
+}
+
+/// A request body that wakes the request path once it has been sent whole,
+/// which is when the upstream's read timeout starts.
+pub struct RequestBody {
+    body: Incoming,
+    sent: Option<Arc<Notify>>,
+}
+
+impl RequestBody {
+    pub(crate) fn new(body: Incoming, sent: Arc<Notify>) -> Self {
+        RequestBody {
+            body,
+            sent: Some(sent),
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            sent.notify_one();
+        }
+    }
+}
+
+pub struct UpstreamBody {
+    body: Incoming,
+    /// Tells `least_conn` and `ewma` when the response is over.
+    _load: Option<LoadGuard>,
+    /// Given back to the pool once the body has been read to its end.
+    conn: Option<Pooled>,
+    read_timeout: Duration,
+    /// Allocated on the first read that has to wait, then reset and reused.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+/// The upstream stopped sending for longer than the read timeout.
+#[derive(Debug)]
+pub struct ReadTimeout;
+
+impl std::fmt::Display for ReadTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream read timed out")
+    }
+}
+
+impl std::error::Error for ReadTimeout {}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        ProxyBody::Full(Some(data.into()))
+    }
+
+    pub(crate) fn upstream(
+        body: Incoming,
+        conn: Option<Pooled>,
+        read_timeout: Duration,
+        load: Option<LoadGuard>,
+    ) -> Self {
+        let mut up = UpstreamBody {
+            body,
+            _load: load,
+            conn,
+            read_timeout,
+            timer: None,
+            armed: false,
+        };
+        if up.body.is_end_stream() {
+            up.release();
+        }
+        ProxyBody::Upstream(Box::new(up))
+    }
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.release();
+        }
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = Instant::now() + self.read_timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        timer.as_mut().poll(cx)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Request(req) => {
+                let polled = Pin::new(&mut req.body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+                    || req.body.is_end_stream()
+                {
+                    req.done();
+                }
+                polled.map_err(Into::into)
+            }
+            ProxyBody::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    up.armed = false;
+                    if up.body.is_end_stream() {
+                        up.release();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(None) => {
+                    up.release();
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    up.conn = None;
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Pending => match up.poll_timer(cx) {
+                    Poll::Ready(()) => {
+                        up.conn = None;
+                        Poll::Ready(Some(Err(ReadTimeout.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Incoming(body) => body.is_end_stream(),
+            ProxyBody::Request(req) => req.body.is_end_stream(),
+            ProxyBody::Upstream(up) => up.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ProxyBody::Incoming(body) => body.size_hint(),
+            ProxyBody::Request(req) => req.body.size_hint(),
+            ProxyBody::Upstream(up) => up.body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The request path: normalise, route, pick a node, forward, stream back.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, HOST, TE};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::sync::Notify;
+use turnpike_config::{HashOn, KeyPart, PassHost, Route, Snapshot, Upstream};
+use turnpike_router::{encode_path, normalize_path, VarSource};
+
+use crate::body::ProxyBody;
+use crate::error::Failure;
+use crate::headers::{
+    new_request_id, set_forwarded, strip_hop_by_hop, usable_request_id, wants_upgrade,
+};
+use crate::pool::{self, ConnectError, SendError, Target};
+use crate::vars::{host_only, ConnInfo, RequestVars};
+use crate::{Shared, X_REQUEST_ID};
+
+/// Serves one request. Never fails: every problem becomes a JSON answer.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> Response<ProxyBody> {
+    let snapshot = shared.snapshot.load_full();
+    let (mut parts, body) = req.into_parts();
+    let request_id = match parts.headers.get(&X_REQUEST_ID) {
+        Some(id) if usable_request_id(id) => id.clone(),
+        _ => {
+            let id = new_request_id();
+            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    match route(&snapshot, &parts, &conn, &request_id) {
+        Ok(plan) => forward(plan, &snapshot, parts, body, &conn, &request_id).await,
+        Err(failure) => failure.respond(&request_id),
+    }
+}
+
+/// What routing decided, computed while the request is borrowed.
+struct Plan {
+    route: usize,
+    /// The upstream request's path and query (origin form).
+    path_and_query: PathAndQuery,
+    /// The client's host, for `pass_host: pass` and `X-Forwarded-Host`.
+    host: Option<HeaderValue>,
+    hash_key: Option<Vec<u8>>,
+}
+
+fn route(
+    snapshot: &Snapshot,
+    parts: &Parts,
+    conn: &ConnInfo,
+    request_id: &HeaderValue,
+) -> Result<Plan, Failure> {
+    let raw = parts.uri.path();
+    let path = normalize_path(raw).map_err(|_| Failure::BadRequest)?;
+    let host_header = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host = host_header
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let vars = RequestVars {
+        parts,
+        path: &path,
+        host,
+        conn,
+        request_id,
+        route_id: None,
+        service_id: None,
+    };
+    let req = turnpike_router::Request {
+        path: &path,
+        host,
+        method: parts.method.as_str(),
+        remote: Some(conn.remote.ip()),
+        vars: &vars,
+    };
+    let index = snapshot.router.find(&req).ok_or(Failure::NoRoute)?;
+    let route = &snapshot.routes[index];
+    let vars = RequestVars {
+        route_id: Some(&route.id),
+        service_id: route.service_id.as_deref(),
+        ..vars
+    };
+    let hash_key = route.upstream.hash_on.as_ref().map(|h| hash_key(h, &vars));
+    let path_and_query = match (&path, parts.uri.path_and_query()) {
+        (Cow::Borrowed(_), Some(pq)) => pq.clone(),
+        _ => {
+            let encoded = encode_path(&path);
+            let text = match parts.uri.query() {
+                Some(q) => format!("{encoded}?{q}"),
+                None => encoded.into_owned(),
+            };
+            PathAndQuery::from_maybe_shared(text).map_err(|_| Failure::BadRequest)?
+        }
+    };
+    Ok(Plan {
+        route: index,
+        path_and_query,
+        host: host_header,
+        hash_key,
+    })
+}
+
+/// The `chash` key; an empty key falls back to the client address, as APISIX does.
+fn hash_key(on: &HashOn, vars: &RequestVars<'_>) -> Vec<u8> {
+    let key: Option<Cow<'_, str>> = match on {
+        HashOn::Vars(v) => vars.var(v),
+        HashOn::Header(name) => vars
+            .parts
+            .headers
+            .get(name.as_ref())
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed),
+        HashOn::Cookie(name) => vars.var(&turnpike_router::Var::Cookie(name.clone())),
+        // Consumers arrive with authentication; until then there is none.
+        HashOn::Consumer => None,
+        HashOn::Combination(parts) => {
+            let mut out = String::new();
+            for part in parts.iter() {
+                match part {
+                    KeyPart::Literal(s) => out.push_str(s),
+                    KeyPart::Var(v) => out.push_str(&vars.var(v).unwrap_or_default()),
+                }
+            }
+            Some(Cow::Owned(out))
+        }
+    };
+    match key.filter(|k| !k.is_empty()) {
+        Some(k) => k.into_owned().into_bytes(),
+        None => conn_key(vars),
+    }
+}
+
+fn conn_key(vars: &RequestVars<'_>) -> Vec<u8> {
+    vars.conn.remote_ip.as_bytes().to_vec()
+}
+
+/// At most this many attempts are remembered; beyond it retries stop.
+const MAX_TRIED: usize = 16;
+
+async fn forward(
+    plan: Plan,
+    snapshot: &Snapshot,
+    mut parts: Parts,
+    body: Incoming,
+    conn: &ConnInfo,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let route: &Route = &snapshot.routes[plan.route];
+    let upstream: &Upstream = &route.upstream;
+    let upgrade =
+        route.websocket && parts.version == Version::HTTP_11 && wants_upgrade(&parts.headers);
+    let mut client_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    let wants_trailers = parts
+        .headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    set_forwarded(&mut parts.headers, conn, plan.host.clone());
+    if upstream.scheme.is_h2() && wants_trailers {
+        parts
+            .headers
+            .insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let has_body = !hyper::body::Body::is_end_stream(&body);
+    let sent = has_body.then(|| Arc::new(Notify::new()));
+    let mut body = Some(match &sent {
+        Some(done) => ProxyBody::Request(crate::body::RequestBody::new(body, done.clone())),
+        None => ProxyBody::Incoming(body),
+    });
+    let started = Instant::now();
+    let deadline = upstream.retry_timeout.map(|t| started + t);
+    let mut tried = [0usize; MAX_TRIED];
+    let mut attempts = 0;
+    let mut last = Failure::Unavailable;
+    while attempts < upstream.max_attempts().min(MAX_TRIED)
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        let Some(node) = upstream.pick(plan.hash_key.as_deref(), &tried[..attempts]) else {
+            break;
+        };
+        tried[attempts] = node;
+        attempts += 1;
+        let host = upstream_host(&plan, upstream, node);
+        let target = target(upstream, route, node, host.as_ref());
+        let req = build_request(&parts, &plan, upstream, node, host.clone(), body.take());
+        let tracked = upstream
+            .tracks_load()
+            .then(|| LoadGuard::new(&route.upstream, node));
+        let result = if client_upgrade.is_some() {
+            crate::upgrade::forward(&target, req, &mut client_upgrade, route.timeouts.read).await
+        } else {
+            send(&target, req, route.timeouts.read, sent.as_deref()).await
+        };
+        match result {
+            Ok((resp, pooled)) => return respond(resp, pooled, route, tracked),
+            Err(Attempt::Connect(e, req)) => {
+                tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
+                last = if matches!(e, ConnectError::Timeout) {
+                    Failure::Timeout
+                } else {
+                    Failure::BadGateway
+                };
+                body = Some(req.into_body());
+            }
+            Err(Attempt::Failed(failure, reason)) => {
+                tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
+                return failure.respond(request_id);
+            }
+        }
+    }
+    if attempts == 0 {
+        tracing::warn!(request_id = ?request_id, route = %route.id, "no node available in upstream {}", upstream.key);
+    }
+    last.respond(request_id)
+}
+
+/// The `Host` the upstream gets, by `pass_host`.
+fn upstream_host(plan: &Plan, upstream: &Upstream, node: usize) -> Option<HeaderValue> {
+    match &upstream.pass_host {
+        PassHost::Pass => plan.host.clone(),
+        PassHost::Node => HeaderValue::from_str(&upstream.nodes[node].authority).ok(),
+        PassHost::Rewrite(h) => HeaderValue::from_str(h).ok(),
+    }
+}
+
+fn target<'a>(
+    upstream: &'a Upstream,
+    route: &Route,
+    node: usize,
+    host: Option<&'a HeaderValue>,
+) -> Target<'a> {
+    let server_name = host.and_then(|h| h.to_str().ok()).map(host_only);
+    Target {
+        node: &upstream.nodes[node],
+        scheme: upstream.scheme,
+        verify: upstream.tls_verify,
+        server_name,
+        keepalive: upstream.keepalive,
+        connect_timeout: route.timeouts.connect,
+        send_timeout: route.timeouts.send,
+    }
+}
+
+fn build_request(
+    parts: &Parts,
+    plan: &Plan,
+    upstream: &Upstream,
+    node: usize,
+    host: Option<HeaderValue>,
+    body: Option<ProxyBody>,
+) -> Request<ProxyBody> {
+    let node = &upstream.nodes[node];
+    let mut req = Request::new(body.unwrap_or(ProxyBody::Empty));
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    if upstream.scheme.is_h2() {
+        *req.version_mut() = Version::HTTP_2;
+        let scheme = if upstream.scheme.is_tls() {
+            UriScheme::HTTPS
+        } else {
+            UriScheme::HTTP
+        };
+        let authority = host
+            .as_ref()
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| Authority::try_from(&*node.authority).ok());
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme);
+        uri.authority = authority;
+        uri.path_and_query = Some(plan.path_and_query.clone());
+        *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+        req.headers_mut().remove(HOST);
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        *req.uri_mut() = Uri::from(plan.path_and_query.clone());
+        if let Some(host) = host {
+            req.headers_mut().insert(HOST, host);
+        }
+    }
+    req
+}
+
+/// How one attempt ended, when it did not produce a response.
+pub(crate) enum Attempt {
+    /// The node could not be reached; the request comes back for the next node.
+    Connect(ConnectError, Request<ProxyBody>),
+    /// The request went out and failed: not retried (its body is gone).
+    Failed(Failure, String),
+}
+
+async fn send(
+    target: &Target<'_>,
+    mut req: Request<ProxyBody>,
+    read_timeout: Duration,
+    body_sent: Option<&Notify>,
+) -> Result<(Response<Incoming>, Option<pool::Pooled>), Attempt> {
+    // A pooled connection may have been closed by the upstream while idle;
+    // such a request never left and goes again on another connection.
+    for _ in 0..4 {
+        let sender = match pool::checkout(target).await {
+            Ok(s) => s,
+            Err(e) => return Err(Attempt::Connect(e, req)),
+        };
+        let exchange = sender.send(req);
+        tokio::pin!(exchange);
+        // The read timeout runs once the whole request has been sent, as
+        // nginx's proxy_read_timeout does.
+        if let Some(sent) = body_sent {
+            tokio::select! {
+                biased;
+                r = &mut exchange => return finish(r),
+                _ = sent.notified() => {}
+            }
+        }
+        match tokio::time::timeout(read_timeout, &mut exchange).await {
+            Err(_) => {
+                return Err(Attempt::Failed(
+                    Failure::Timeout,
+                    "upstream read timed out".into(),
+                ))
+            }
+            Ok(Err(SendError::NotSent(r))) => req = r,
+            Ok(other) => return finish(other),
+        }
+    }
+    Err(Attempt::Failed(
+        Failure::BadGateway,
+        "upstream closed every pooled connection".into(),
+    ))
+}
+
+fn finish(
+    result: Result<(Response<Incoming>, Option<pool::Pooled>), SendError>,
+) -> Result<(Response<Incoming>, Option<pool::Pooled>), Attempt> {
+    match result {
+        Ok(ok) => Ok(ok),
+        Err(SendError::NotSent(_)) => Err(Attempt::Failed(
+            Failure::BadGateway,
+            "upstream connection closed".into(),
+        )),
+        Err(SendError::Failed(e)) => {
+            let failure = if is_timeout(&e) {
+                Failure::Timeout
+            } else {
+                Failure::BadGateway
+            };
+            Err(Attempt::Failed(
+                failure,
+                format!("upstream request failed: {e}"),
+            ))
+        }
+    }
+}
+
+fn is_timeout(e: &hyper::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    e.is_timeout()
+}
+
+fn respond(
+    resp: Response<Incoming>,
+    pooled: Option<pool::Pooled>,
+    route: &Route,
+    tracked: Option<LoadGuard>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, switching);
+    // HTTP/2 clients get whatever version hyper speaks to them.
+    parts.version = Version::HTTP_11;
+    let body = ProxyBody::upstream(body, pooled, route.timeouts.read, tracked);
+    Response::from_parts(parts, body)
+}
+
+/// Reports a request's end to `least_conn`/`ewma` when dropped (with the body).
+pub(crate) struct LoadGuard {
+    upstream: Arc<Upstream>,
+    node: usize,
+    started: Instant,
+}
+
+impl LoadGuard {
+    fn new(upstream: &Arc<Upstream>, node: usize) -> LoadGuard {
+        upstream.start(node);
+        LoadGuard {
+            upstream: upstream.clone(),
+            node,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.upstream.finish(self.node, self.started.elapsed());
+    }
+}
