@@ -29,7 +29,7 @@ pub enum ProxyBody {
     /// The same, announcing when it has been sent whole.
     Request(RequestBody),
     /// An upstream's response body on its way to the client.
-    Upstream(Box<UpstreamBody>),
+    Upstream(UpstreamBody),
 }
 
 /// A request body that wakes the request path once it has been sent whole,
@@ -100,7 +100,7 @@ impl ProxyBody {
         if up.body.is_end_stream() {
             up.release();
         }
-        ProxyBody::Upstream(Box::new(up))
+        ProxyBody::Upstream(up)
     }
 }
 

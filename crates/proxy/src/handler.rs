@@ -202,7 +202,7 @@ async fn forward(
         attempts += 1;
         let host = upstream_host(&plan, upstream, node);
         let target = target(upstream, route, node, host.as_ref());
-        let req = build_request(&parts, &plan, upstream, node, host.clone(), body.take());
+        let req = build_request(&mut parts, &plan, upstream, node, host.clone(), body.take());
         let tracked = upstream
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
@@ -220,7 +220,9 @@ async fn forward(
                 } else {
                     Failure::BadGateway
                 };
-                body = Some(req.into_body());
+                let (back, returned) = req.into_parts();
+                parts.headers = back.headers;
+                body = Some(returned);
             }
             Err(Attempt::Failed(failure, reason)) => {
                 tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
@@ -261,8 +263,10 @@ fn target<'a>(
     }
 }
 
+/// Builds the upstream request, taking the client's headers (a failed
+/// attempt hands them back).
 fn build_request(
-    parts: &Parts,
+    parts: &mut Parts,
     plan: &Plan,
     upstream: &Upstream,
     node: usize,
@@ -272,7 +276,7 @@ fn build_request(
     let node = &upstream.nodes[node];
     let mut req = Request::new(body.unwrap_or(ProxyBody::Empty));
     *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = std::mem::take(&mut parts.headers);
     if upstream.scheme.is_h2() {
         *req.version_mut() = Version::HTTP_2;
         let scheme = if upstream.scheme.is_tls() {

@@ -19,6 +19,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// (RFC 9110 §7.6.1), including any named in `Connection`. With `upgrade`,
 /// `Connection: upgrade` and `Upgrade` stay, for WebSocket pass-through.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the (few) names is
+    // cheaper than a dozen lookups.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(&CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -49,6 +54,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(CONNECTION);
         headers.remove(UPGRADE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &CONNECTION,
+        &UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+    ]
+    .contains(&name)
 }
 
 /// True when the client asks to switch protocols (WebSocket).
