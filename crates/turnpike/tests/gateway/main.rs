@@ -1,0 +1,11 @@
+//! Integration tests: the real `turnpike` binary against real upstream
+//! servers, everything on 127.0.0.1 ephemeral ports.
+
+mod harness;
+
+mod balancing;
+mod lifecycle;
+mod proxying;
+mod reload;
+mod routing;
+mod streams;
