@@ -623,7 +623,11 @@ impl Compiler<'_> {
         }
         Keepalive {
             size: k.size as usize,
-            idle_timeout: Duration::from_secs_f64(k.idle_timeout.max(0.0).min(1e9)),
+            idle_timeout: Duration::from_secs_f64(if k.idle_timeout.is_finite() {
+                k.idle_timeout.clamp(0.0, 1e9)
+            } else {
+                0.0
+            }),
             requests: k.requests,
         }
     }

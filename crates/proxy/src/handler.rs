@@ -220,7 +220,7 @@ async fn forward(
                 } else {
                     Failure::BadGateway
                 };
-                let (back, returned) = req.into_parts();
+                let (back, returned) = (*req).into_parts();
                 parts.headers = back.headers;
                 body = Some(returned);
             }
@@ -307,7 +307,7 @@ fn build_request(
 /// How one attempt ended, when it did not produce a response.
 pub(crate) enum Attempt {
     /// The node could not be reached; the request comes back for the next node.
-    Connect(ConnectError, Request<ProxyBody>),
+    Connect(ConnectError, Box<Request<ProxyBody>>),
     /// The request went out and failed: not retried (its body is gone).
     Failed(Failure, String),
 }
@@ -323,7 +323,7 @@ async fn send(
     for _ in 0..4 {
         let sender = match pool::checkout(target).await {
             Ok(s) => s,
-            Err(e) => return Err(Attempt::Connect(e, req)),
+            Err(e) => return Err(Attempt::Connect(e, Box::new(req))),
         };
         let exchange = sender.send(req);
         tokio::pin!(exchange);
@@ -343,7 +343,7 @@ async fn send(
                     "upstream read timed out".into(),
                 ))
             }
-            Ok(Err(SendError::NotSent(r))) => req = r,
+            Ok(Err(SendError::NotSent(r))) => req = *r,
             Ok(other) => return finish(other),
         }
     }

@@ -144,7 +144,7 @@ impl std::fmt::Display for ConnectError {
 pub(crate) enum SendError {
     /// A pooled connection turned out to be closed before the request went
     /// out; the request comes back untouched and may go on a fresh one.
-    NotSent(Request<ProxyBody>),
+    NotSent(Box<Request<ProxyBody>>),
     Failed(hyper::Error),
 }
 
@@ -298,7 +298,7 @@ impl Sender {
             Sender::H1 { mut pooled, reused } => match pooled.tx.try_send_request(req).await {
                 Ok(resp) => Ok((resp, Some(pooled))),
                 Err(mut e) => match e.take_message() {
-                    Some(req) if reused => Err(SendError::NotSent(req)),
+                    Some(req) if reused => Err(SendError::NotSent(Box::new(req))),
                     _ => Err(SendError::Failed(e.into_error())),
                 },
             },
@@ -307,7 +307,7 @@ impl Sender {
                 Err(mut e) => match e.take_message() {
                     // The shared connection is gone: the next checkout makes a new one.
                     Some(req) if H2.with(|h2| h2.borrow_mut().remove(&key)).is_some() => {
-                        Err(SendError::NotSent(req))
+                        Err(SendError::NotSent(Box::new(req)))
                     }
                     _ => Err(SendError::Failed(e.into_error())),
                 },

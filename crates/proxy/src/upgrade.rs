@@ -25,7 +25,7 @@ pub(crate) async fn forward(
 ) -> Result<(Response<Incoming>, Option<Pooled>), Attempt> {
     let mut tx = match pool::connect_h1(target, true).await {
         Ok(tx) => tx,
-        Err(e) => return Err(Attempt::Connect(e, req)),
+        Err(e) => return Err(Attempt::Connect(e, Box::new(req))),
     };
     let mut resp = match tokio::time::timeout(read_timeout, tx.send_request(req)).await {
         Err(_) => {

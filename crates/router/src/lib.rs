@@ -289,7 +289,7 @@ fn item_path(field: &str, i: usize) -> String {
 
 fn sort_entries(list: &mut [Entry]) {
     // Stable: equal priorities keep config order.
-    list.sort_by(|a, b| b.priority.cmp(&a.priority));
+    list.sort_by_key(|e| std::cmp::Reverse(e.priority));
 }
 
 impl PathIndex {

@@ -85,10 +85,6 @@ impl Upstream {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
-
-    pub fn stop(&self) {
-        self.task.abort();
-    }
 }
 
 impl Drop for Upstream {
@@ -193,10 +189,8 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<Body> {
         .await;
         let (mut tx, mut rx) = ws.split();
         while let Some(Ok(msg)) = rx.next().await {
-            if msg.is_text() || msg.is_binary() {
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
+            if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+                break;
             }
         }
     });

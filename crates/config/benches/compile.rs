@@ -1,0 +1,56 @@
+//! Parsing and compiling a 10,000-route configuration (what a reload costs).
+//!
+//! `cargo bench -p turnpike-config --bench compile`
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+
+fn config(n: usize) -> String {
+    let mut text = String::from("upstreams:\n");
+    for u in 0..50 {
+        text.push_str(&format!(
+            "  - {{id: u{u}, nodes: {{\"127.0.0.1:{}\": 1, \"127.0.0.2:{}\": 2}}}}\n",
+            8000 + u,
+            8000 + u
+        ));
+    }
+    text.push_str("routes:\n");
+    for i in 0..n {
+        let uri = match i % 4 {
+            0 => format!("/api/v1/service{i}/resource"),
+            1 => format!("/users{i}/:id/profile"),
+            2 => format!("/static{i}/*"),
+            _ => format!("/host{i}/*"),
+        };
+        let hosts = if i % 4 == 3 {
+            format!(", hosts: [\"svc{i}.example.com\"]")
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "  - {{id: {i}, uri: \"{uri}\"{hosts}, methods: [GET, POST], upstream_id: u{}}}\n",
+            i % 50
+        ));
+    }
+    text
+}
+
+fn bench(c: &mut Criterion) {
+    let text = config(10_000);
+    let parsed = turnpike_config::parse(&text).unwrap();
+    let first = turnpike_config::compile(&parsed.resources, None, 1).unwrap();
+    let mut group = c.benchmark_group("10k_routes");
+    group.sample_size(20);
+    group.bench_function("parse", |b| {
+        b.iter(|| black_box(turnpike_config::parse(black_box(&text)).unwrap()))
+    });
+    group.bench_function("compile", |b| {
+        b.iter(|| black_box(turnpike_config::compile(&parsed.resources, None, 2).unwrap()))
+    });
+    group.bench_function("recompile_with_previous", |b| {
+        b.iter(|| black_box(turnpike_config::compile(&parsed.resources, Some(&first), 2).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
