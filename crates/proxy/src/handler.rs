@@ -207,7 +207,13 @@ async fn forward(
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
         let result = if client_upgrade.is_some() {
-            crate::upgrade::forward(&target, req, &mut client_upgrade, route.timeouts.read).await
+            Box::pin(crate::upgrade::forward(
+                &target,
+                req,
+                &mut client_upgrade,
+                route.timeouts.read,
+            ))
+            .await
         } else {
             send(&target, req, route.timeouts.read, sent.as_deref()).await
         };

@@ -151,8 +151,10 @@ pub(crate) enum SendError {
 /// A warm connection from the pool, or a new one.
 pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError> {
     let key = target.key();
+    // New connections are the cold path: their futures (TCP, TLS, handshake)
+    // are boxed so the request path's own future stays small.
     if target.scheme.is_h2() {
-        return h2_sender(key, target).await;
+        return Box::pin(h2_sender(key, target)).await;
     }
     while let Some(idle) = take_idle(&key, target.keepalive.idle_timeout) {
         let mut tx = idle.tx;
@@ -174,7 +176,7 @@ pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError
             _ => continue,
         }
     }
-    let tx = connect_h1(target, false).await?;
+    let tx = Box::pin(connect_h1(target, false)).await?;
     let pooled = Pooled {
         key,
         tx,

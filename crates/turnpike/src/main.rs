@@ -228,6 +228,7 @@ impl Reloader {
         // still safe because a snapshot is swapped in whole or not at all.
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.shared.snapshot.load_full();
+        let started = std::time::Instant::now();
         match load(&self.path, Some(&previous)) {
             Ok((file, snapshot)) => {
                 for w in file.warnings.iter().chain(&snapshot.warnings) {
@@ -238,7 +239,13 @@ impl Reloader {
                 }
                 let (revision, routes) = (snapshot.revision, snapshot.routes.len());
                 self.shared.snapshot.store(Arc::new(snapshot));
-                tracing::info!(revision, routes, "configuration reloaded ({why})");
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                tracing::info!(
+                    revision,
+                    routes,
+                    elapsed_ms,
+                    "configuration reloaded ({why})"
+                );
             }
             Err(errors) => {
                 for e in &errors {
