@@ -9,6 +9,7 @@ use turnpike_router::{RouteSpec, Router, Var};
 use turnpike_upstream::Kind;
 
 use crate::file::Resources;
+use crate::gateway::seconds;
 use crate::model::{self, Id, Plugins};
 use crate::snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream,
@@ -29,12 +30,14 @@ pub fn compile(
         warnings: Vec::new(),
         previous,
         upstreams: HashMap::new(),
+        unrouted: Vec::new(),
     };
     let upstream_ids = c.upstreams(res);
     let services = c.services(res, &upstream_ids);
     let plugin_configs = c.plugin_configs(res);
     let (routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
     c.opaque(res);
+    c.check_unrouted();
     let router = match Router::build(&specs) {
         Ok(r) => Some(r),
         Err(errors) => {
@@ -66,6 +69,9 @@ struct Compiler<'p> {
     warnings: Vec<String>,
     previous: Option<&'p Snapshot>,
     upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// Matching rules of routes left out of the router (disabled, or with
+    /// another error), checked so every error is reported at once.
+    unrouted: Vec<(String, RouteSpec)>,
 }
 
 struct ServiceRef {
@@ -114,10 +120,11 @@ impl Compiler<'_> {
             }
             self.no_plugins(&label, &s.plugins);
             let upstream = match (&s.upstream, &s.upstream_id) {
-                (Some(u), _) => self.upstream(u, format!("services/{id}"), &label, "upstream"),
-                (None, Some(uid)) => {
+                (inline, Some(uid)) => {
+                    self.validate_only(inline.as_ref(), &format!("services/{id}"), &label);
                     self.reference(upstreams, uid, &label, "upstream_id", "upstream")
                 }
+                (Some(u), None) => self.upstream(u, format!("services/{id}"), &label, "upstream"),
                 (None, None) => None,
             };
             let hosts = s.hosts.clone().unwrap_or_default();
@@ -139,11 +146,9 @@ impl Compiler<'_> {
             let Some(id) = self.required_id(&pc.id, "plugin config", i) else {
                 continue;
             };
-            let plugins = pc
-                .rest
-                .get("plugins")
-                .and_then(|p| serde_json::from_value::<Plugins>(p.clone()).ok());
-            self.no_plugins(&format!("plugin config {id}"), &plugins);
+            let label = format!("plugin config {id}");
+            let plugins = self.plugin_map(&label, pc.rest.get("plugins"));
+            self.no_plugins(&label, &plugins);
             ids.push(id);
         }
         ids
@@ -198,11 +203,13 @@ impl Compiler<'_> {
                 },
                 None => None,
             };
+            self.no_code(&label, r);
             let upstream = match (&r.upstream, &r.upstream_id) {
-                (Some(u), _) => self.upstream(u, format!("routes/{id}"), &label, "upstream"),
-                (None, Some(uid)) => {
+                (inline, Some(uid)) => {
+                    self.validate_only(inline.as_ref(), &format!("routes/{id}"), &label);
                     self.reference(upstreams, uid, &label, "upstream_id", "upstream")
                 }
+                (Some(u), None) => self.upstream(u, format!("routes/{id}"), &label, "upstream"),
                 (None, None) => match service.and_then(|s| s.upstream.clone()) {
                     Some(u) => Some(u),
                     None => {
@@ -212,12 +219,11 @@ impl Compiler<'_> {
                 },
             };
             let spec = self.route_spec(r, &label, service);
-            let (Some(upstream), Some(spec)) = (upstream, spec) else {
+            let (Some(upstream), Some(spec), 1) = (upstream, spec.clone(), r.status) else {
+                // Disabled or broken routes are still checked for their own errors.
+                self.unrouted.extend(spec.map(|s| (label, s)));
                 continue;
             };
-            if r.status == 0 {
-                continue;
-            }
             let timeouts = self.timeouts(&label, "timeout", r.timeout.as_ref(), upstream.timeouts);
             routes.push(Route {
                 id: id.0.into(),
@@ -321,6 +327,56 @@ impl Compiler<'_> {
         id.clone()
     }
 
+    fn check_unrouted(&mut self) {
+        let (labels, specs): (Vec<String>, Vec<RouteSpec>) =
+            std::mem::take(&mut self.unrouted).into_iter().unzip();
+        if let Err(errors) = Router::build(&specs) {
+            for (i, e) in errors {
+                self.err(&labels[i], e.path, e.message);
+            }
+        }
+    }
+
+    /// Checks an inline upstream that is overridden by `upstream_id` (as in
+    /// APISIX, the id wins), without keeping it.
+    fn validate_only(&mut self, inline: Option<&model::Upstream>, key: &str, label: &str) {
+        if let Some(u) = inline {
+            self.upstream(u, key.to_owned(), label, "upstream");
+            self.upstreams.remove(key);
+        }
+    }
+
+    /// `filter_func` and `script` are Lua in APISIX: refused rather than
+    /// served without the filter they describe.
+    fn no_code(&mut self, label: &str, r: &model::Route) {
+        if r.filter_func.is_some() {
+            self.err(
+                label,
+                "filter_func",
+                "Lua functions are not supported; use `vars` expressions",
+            );
+        }
+        if r.script.is_some() {
+            self.err(label, "script", "Lua scripts are not supported");
+        }
+    }
+
+    /// `plugins` of a resource kept as JSON: it must be a map.
+    fn plugin_map(&mut self, label: &str, value: Option<&serde_json::Value>) -> Option<Plugins> {
+        match value {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Object(map)) => Some(map.clone().into_iter().collect()),
+            Some(_) => {
+                self.err(
+                    label,
+                    "plugins",
+                    "must be a map of plugin name to configuration",
+                );
+                None
+            }
+        }
+    }
+
     /// Plugins arrive with the plugin runtime; until then a route that asks
     /// for one is refused rather than served without it.
     fn no_plugins(&mut self, label: &str, plugins: &Option<Plugins>) {
@@ -352,10 +408,7 @@ impl Compiler<'_> {
                 .map_or(format!("global rule #{}", i + 1), |id| {
                     format!("global rule {id}")
                 });
-            let plugins = rule
-                .rest
-                .get("plugins")
-                .and_then(|p| serde_json::from_value::<Plugins>(p.clone()).ok());
+            let plugins = self.plugin_map(&label, rule.rest.get("plugins"));
             self.no_plugins(&label, &plugins);
         }
     }
@@ -410,7 +463,15 @@ impl Compiler<'_> {
         let pass_host = match (u.pass_host.as_str(), &u.upstream_host) {
             ("pass", _) => PassHost::Pass,
             ("node", _) => PassHost::Node,
-            ("rewrite", Some(h)) if !h.is_empty() => PassHost::Rewrite(h.as_str().into()),
+            ("rewrite", Some(h)) if valid_authority(h) => PassHost::Rewrite(h.as_str().into()),
+            ("rewrite", Some(h)) if !h.is_empty() => {
+                self.err(
+                    label,
+                    at("upstream_host"),
+                    "must be a host name, with an optional port",
+                );
+                PassHost::Pass
+            }
             ("rewrite", _) => {
                 self.err(
                     label,
@@ -442,12 +503,12 @@ impl Compiler<'_> {
                 at("checks")
             ));
         }
-        let retry_timeout = match u.retry_timeout {
-            Some(t) if t < 0.0 || !t.is_finite() => {
-                self.err(label, at("retry_timeout"), "must be 0 or more seconds");
+        let retry_timeout = match u.retry_timeout.map(|t| (t, seconds(t))) {
+            Some((_, None)) => {
+                self.err(label, at("retry_timeout"), "must be 0 to 31536000 seconds");
                 None
             }
-            Some(t) if t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some((_, Some(d))) if !d.is_zero() => Some(d),
             _ => None,
         };
         let timeouts = self.timeouts(
@@ -594,11 +655,17 @@ impl Compiler<'_> {
         let Some(t) = t else { return base };
         let mut one = |name: &str, v: Option<f64>, default: Duration| match v {
             None => default,
-            Some(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
-            Some(_) => {
-                self.err(label, format!("{at}.{name}"), "must be more than 0 seconds");
-                default
-            }
+            Some(s) => match seconds(s).filter(|d| !d.is_zero()) {
+                Some(d) => d,
+                None => {
+                    self.err(
+                        label,
+                        format!("{at}.{name}"),
+                        "must be more than 0 and at most 31536000 seconds",
+                    );
+                    default
+                }
+            },
         };
         Timeouts {
             connect: one("connect", t.connect, base.connect),
@@ -614,20 +681,17 @@ impl Compiler<'_> {
         if k.requests == 0 {
             self.err(label, format!("{at}.requests"), "must be at least 1");
         }
-        if !(k.idle_timeout >= 0.0 && k.idle_timeout.is_finite()) {
+        let idle_timeout = seconds(k.idle_timeout).unwrap_or_else(|| {
             self.err(
                 label,
                 format!("{at}.idle_timeout"),
-                "must be 0 or more seconds",
+                "must be 0 to 31536000 seconds",
             );
-        }
+            Duration::ZERO
+        });
         Keepalive {
             size: k.size as usize,
-            idle_timeout: Duration::from_secs_f64(if k.idle_timeout.is_finite() {
-                k.idle_timeout.clamp(0.0, 1e9)
-            } else {
-                0.0
-            }),
+            idle_timeout,
             requests: k.requests,
         }
     }
@@ -675,6 +739,13 @@ fn split_host_port(addr: &str) -> Option<(&str, Option<u16>)> {
         None => None,
     };
     valid_host(host).then_some((host, port))
+}
+
+/// `host`, `host:port` or `[v6]:port`, as a `Host` header carries it.
+fn valid_authority(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
 }
 
 fn valid_host(host: &str) -> bool {

@@ -99,10 +99,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 pub fn parse_duration(v: &Value) -> Option<Duration> {
     match v {
-        Value::Number(n) => n
-            .as_f64()
-            .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64),
+        Value::Number(n) => n.as_f64().and_then(seconds),
         Value::String(s) => {
             let s = s.trim();
             let (num, unit) = s
@@ -116,10 +113,19 @@ pub fn parse_duration(v: &Value) -> Option<Duration> {
                 "h" => n * 3600.0,
                 _ => return None,
             };
-            Some(Duration::from_secs_f64(secs))
+            seconds(secs)
         }
         _ => None,
     }
+}
+
+/// The longest duration accepted anywhere: a year. Larger values would
+/// overflow clock arithmetic on the request path.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Seconds as a duration, refusing negative, non-finite and absurd values.
+pub fn seconds(s: f64) -> Option<Duration> {
+    (s.is_finite() && (0.0..=MAX_SECONDS).contains(&s)).then(|| Duration::from_secs_f64(s))
 }
 
 #[cfg(test)]
@@ -150,5 +156,6 @@ mod tests {
         assert_eq!(parse_duration(&json!("2m")), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration(&json!("2 weeks")), None);
         assert_eq!(parse_duration(&json!(-1)), None);
+        assert_eq!(parse_duration(&json!(1e20)), None);
     }
 }

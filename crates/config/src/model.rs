@@ -68,6 +68,9 @@ pub struct Route {
     pub labels: Option<BTreeMap<String, String>>,
     pub timeout: Option<Timeout>,
     pub enable_websocket: Option<bool>,
+    /// Lua in APISIX; refused here (see docs/compatibility.md).
+    pub filter_func: Option<Value>,
+    pub script: Option<Value>,
     #[serde(default = "enabled")]
     pub status: u8,
     pub create_time: Option<u64>,

@@ -233,7 +233,7 @@ impl Default for Timeouts {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
-    /// Idle connections kept per upstream per worker.
+    /// Idle connections kept per destination (node address) per worker.
     pub size: usize,
     pub idle_timeout: Duration,
     /// Requests served on one connection before it is closed.

@@ -2,7 +2,9 @@
 //!
 //! The file's directory is watched rather than the file itself, because
 //! editors and deploy tools often replace a file by renaming a new one over
-//! it, which ends a watch on the old inode.
+//! it, which ends a watch on the old inode. Any change in the directory
+//! counts: a Kubernetes ConfigMap swaps a symlink (`..data`) and never names
+//! the file. The caller compares contents, so unrelated changes cost a read.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -25,18 +27,15 @@ pub fn watch_file(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let name = path.file_name().map(|n| n.to_owned());
     let (tx, rx) = mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        if event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-            // The receiver lives as long as the watcher thread; a closed
-            // channel only means we are shutting down.
-            let _ = tx.send(());
-        }
+        // The receiver lives as long as the watcher thread; a closed channel
+        // only means we are shutting down.
+        let _ = tx.send(());
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     std::thread::Builder::new()

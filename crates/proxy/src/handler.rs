@@ -220,6 +220,10 @@ async fn forward(
         match result {
             Ok((resp, pooled)) => return respond(resp, pooled, route, tracked),
             Err(Attempt::Connect(e, req)) => {
+                // A node that cannot be reached must not look fast to ewma.
+                if let Some(guard) = tracked {
+                    guard.failed(route.timeouts.connect);
+                }
                 tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
                 last = if matches!(e, ConnectError::Timeout) {
                     Failure::Timeout
@@ -335,22 +339,25 @@ async fn send(
         tokio::pin!(exchange);
         // The read timeout runs once the whole request has been sent, as
         // nginx's proxy_read_timeout does.
-        if let Some(sent) = body_sent {
-            tokio::select! {
-                biased;
-                r = &mut exchange => return finish(r),
-                _ = sent.notified() => {}
+        let outcome = async {
+            if let Some(sent) = body_sent {
+                tokio::select! {
+                    biased;
+                    r = &mut exchange => return Some(r),
+                    _ = sent.notified() => {}
+                }
             }
-        }
-        match tokio::time::timeout(read_timeout, &mut exchange).await {
-            Err(_) => {
+            tokio::time::timeout(read_timeout, &mut exchange).await.ok()
+        };
+        match outcome.await {
+            None => {
                 return Err(Attempt::Failed(
                     Failure::Timeout,
                     "upstream read timed out".into(),
                 ))
             }
-            Ok(Err(SendError::NotSent(r))) => req = *r,
-            Ok(other) => return finish(other),
+            Some(Err(SendError::NotSent(r))) => req = *r,
+            Some(other) => return finish(other),
         }
     }
     Err(Attempt::Failed(
@@ -376,10 +383,22 @@ fn finish(
             };
             Err(Attempt::Failed(
                 failure,
-                format!("upstream request failed: {e}"),
+                format!("upstream request failed: {}", chain(&e)),
             ))
         }
     }
+}
+
+/// An error with its causes: hyper's own text rarely says what happened.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn is_timeout(e: &hyper::Error) -> bool {
@@ -425,6 +444,13 @@ impl LoadGuard {
             node,
             started: Instant::now(),
         }
+    }
+}
+
+impl LoadGuard {
+    /// Ends the attempt as a failure, costing `penalty`.
+    fn failed(mut self, penalty: Duration) {
+        self.started = Instant::now().checked_sub(penalty).unwrap_or(self.started);
     }
 }
 

@@ -30,8 +30,14 @@ pub async fn serve_status(addr: &str, shared: Arc<Shared>) -> std::io::Result<So
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, don't spin.
+                    tracing::warn!("status listener: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let shared = shared.clone();
             tokio::spawn(async move {

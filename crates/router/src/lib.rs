@@ -469,8 +469,14 @@ enum HostPattern {
 impl HostPattern {
     fn parse(host: &str) -> Result<HostPattern, String> {
         let lower = host.to_ascii_lowercase();
+        // A port never matches: the request host is compared without one.
+        let bare = if lower.starts_with('[') {
+            lower.ends_with(']')
+        } else {
+            !lower.contains(':')
+        };
         let valid = |s: &str| {
-            !s.is_empty()
+            bare && !s.is_empty()
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b))
         };
@@ -482,7 +488,7 @@ impl HostPattern {
             return Ok(HostPattern::Exact(lower.into()));
         }
         Err(format!(
-            "`{host}` is not a host name or a wildcard such as *.example.com"
+            "`{host}` is not a host name or a wildcard such as *.example.com (no port)"
         ))
     }
 }

@@ -187,7 +187,7 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
         path: path.to_path_buf(),
         shared: shared.clone(),
         gateway,
-        lock: Mutex::new(()),
+        last: Mutex::new(std::fs::read_to_string(path).ok()),
     });
     let on_change = reloader.clone();
     let _watch =
@@ -209,8 +209,13 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
     }
     shared.draining.store(true, Ordering::Release);
     tracing::info!("draining: no new connections; in-flight requests may finish");
-    let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
-    tracing::info!("stopped");
+    let drained = tokio::task::spawn_blocking(move || server.shutdown());
+    tokio::select! {
+        _ = drained => tracing::info!("stopped"),
+        // A second signal means: do not wait.
+        _ = term.recv() => tracing::warn!("second signal: exiting without waiting for in-flight requests"),
+        _ = int.recv() => tracing::warn!("second signal: exiting without waiting for in-flight requests"),
+    }
     Ok(())
 }
 
@@ -219,14 +224,22 @@ struct Reloader {
     path: PathBuf,
     shared: Arc<Shared>,
     gateway: Gateway,
-    lock: Mutex<()>,
+    /// The text last applied or refused, so events that do not change the
+    /// file (another file in its directory, a touch) cost nothing.
+    last: Mutex<Option<String>>,
 }
 
 impl Reloader {
     fn reload(&self, why: &str) {
-        // A poisoned lock only means an earlier reload panicked; reloading is
-        // still safe because a snapshot is swapped in whole or not at all.
-        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // One reload at a time. A poisoned lock only means an earlier reload
+        // panicked; reloading is still safe because a snapshot is swapped in
+        // whole or not at all.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let text = std::fs::read_to_string(&self.path).ok();
+        if why != "SIGHUP" && text.is_some() && *last == text {
+            return;
+        }
+        *last = text;
         let previous = self.shared.snapshot.load_full();
         let started = std::time::Instant::now();
         match load(&self.path, Some(&previous)) {
@@ -262,5 +275,11 @@ impl Reloader {
 }
 
 fn settings_changed(a: &Gateway, b: &Gateway) -> bool {
-    a.listen != b.listen || a.status.listen != b.status.listen || a.workers != b.workers
+    a.listen != b.listen
+        || a.status.listen != b.status.listen
+        || a.workers != b.workers
+        || a.shutdown_timeout != b.shutdown_timeout
+        || a.log_level != b.log_level
+        || a.admin.as_ref().map(|x| (&x.listen, &x.key))
+            != b.admin.as_ref().map(|x| (&x.listen, &x.key))
 }

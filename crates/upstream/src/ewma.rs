@@ -29,6 +29,15 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Microseconds since the process's epoch; never 0, which marks "no sample yet".
+fn now_micros() -> u64 {
+    epoch().elapsed().as_micros() as u64 + 1
+}
+
+fn decay(idle_micros: u64) -> f64 {
+    (-(idle_micros as f64 / 1e6) / DECAY_SECONDS).exp()
+}
+
 impl Ewma {
     pub(crate) fn new(weights: &[u32]) -> Self {
         Ewma {
@@ -37,11 +46,19 @@ impl Ewma {
         }
     }
 
+    /// The node's cost now. The average decays toward zero while a node
+    /// gets no samples, so one slow answer cannot starve a node for good.
     fn score(&self, i: usize) -> f64 {
+        self.score_at(i, now_micros())
+    }
+
+    fn score_at(&self, i: usize, now: u64) -> f64 {
         let stat = &self.nodes[i];
         let ewma = f64::from_bits(stat.ewma.load(Ordering::Relaxed));
+        let idle = now.saturating_sub(stat.stamp.load(Ordering::Relaxed));
+        let decayed = ewma * decay(idle);
         let active = stat.active.load(Ordering::Relaxed) as f64;
-        (ewma + 1.0) * (active + 1.0) / self.weights[i] as f64
+        (decayed + 1.0) * (active + 1.0) / self.weights[i] as f64
     }
 
     pub(crate) fn pick(&self, skip: &impl Fn(usize) -> bool) -> Option<usize> {
@@ -101,6 +118,22 @@ mod tests {
         // which it never is: it is picked only when it is the only candidate.
         assert!(counts[0] < 300, "{counts:?}");
         assert!(counts[1] > 1000 && counts[2] > 1000, "{counts:?}");
+    }
+
+    #[test]
+    fn an_old_slow_sample_fades() {
+        let e = Ewma::new(&[1, 1]);
+        e.finish(0, Duration::from_millis(500));
+        e.finish(1, Duration::from_millis(5));
+        assert!(e.score(0) > e.score(1) * 50.0);
+        // A minute later, with no new samples, the old slow one has faded below
+        // the fast node's fresh sample, so it gets tried again.
+        let later = now_micros() + 60_000_000;
+        assert!(
+            e.score_at(0, later) < e.score(1),
+            "{}",
+            e.score_at(0, later)
+        );
     }
 
     #[test]

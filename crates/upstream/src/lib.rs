@@ -90,8 +90,8 @@ impl Balancer {
         }
     }
 
-    /// A request to node `i` ended after `elapsed` (for `ewma`, the time to
-    /// the response headers; a failure counts as a long one).
+    /// A request to node `i` ended after `elapsed` (for `ewma`, the whole
+    /// exchange; the proxy reports a failure as a long one).
     pub fn finish(&self, i: usize, elapsed: Duration) {
         match &self.inner {
             Inner::LeastConn(b) => b.finish(i),

@@ -125,8 +125,8 @@ upstreams:
             "upstream 1: nodes.127.0.0.1:0: expected host:port",
             "upstream 1: nodes.bad host: expected host:port",
             "upstream 1: upstream_host: required when pass_host is `rewrite`",
-            "upstream 1: timeout.connect: must be more than 0 seconds",
-            "upstream 1: timeout.read: must be more than 0 seconds",
+            "upstream 1: timeout.connect: must be more than 0 and at most 31536000 seconds",
+            "upstream 1: timeout.read: must be more than 0 and at most 31536000 seconds",
             "upstream 1: keepalive_pool.size: must be at least 1",
             "upstream 2: key: required for type chash (what to hash on)",
             "upstream 3: nodes[0].host: expected an IP address or a host name",
@@ -289,4 +289,60 @@ fn ten_thousand_routes_compile() {
     }
     let s = compile_text(&text).unwrap();
     assert_eq!(s.routes.len(), 10_000);
+}
+
+#[test]
+fn absurd_durations_are_refused_not_fatal() {
+    let errs = errors(
+        "routes:\n  - {id: 1, uri: /a, timeout: {read: 1e20}, upstream: {retry_timeout: -1, keepalive_pool: {idle_timeout: 1e300}, nodes: {\"127.0.0.1:1\": 1}}}\n",
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "route 1: upstream.retry_timeout: must be 0 to 31536000 seconds",
+            "route 1: upstream.keepalive_pool.idle_timeout: must be 0 to 31536000 seconds",
+        ],
+        "the route's own timeout is checked once its upstream compiles"
+    );
+    let errs = errors("routes:\n  - {id: 1, uri: /a, timeout: {read: 1e20}, upstream: {nodes: {\"127.0.0.1:1\": 1}}}\n");
+    assert_eq!(
+        errs,
+        vec!["route 1: timeout.read: must be more than 0 and at most 31536000 seconds"]
+    );
+}
+
+#[test]
+fn upstream_id_wins_over_an_inline_upstream_as_in_apisix() {
+    let s = compile_text(
+        "upstreams:\n  - {id: u1, nodes: {\"127.0.0.1:1\": 1}}\nroutes:\n  - {id: 1, uri: /a, upstream_id: u1, upstream: {nodes: {\"127.0.0.1:2\": 1}}}\n",
+    )
+    .unwrap();
+    assert_eq!(&*s.routes[0].upstream.key, "upstreams/u1");
+    let errs = errors("routes:\n  - {id: 1, uri: /a, upstream_id: nope, upstream: {nodes: {\"127.0.0.1:2\": 1}}}\n");
+    assert_eq!(
+        errs,
+        vec!["route 1: upstream_id: upstream `nope` does not exist"]
+    );
+}
+
+#[test]
+fn route_code_and_malformed_plugin_lists_are_refused() {
+    let errs = errors(
+        r#"
+plugin_configs:
+  - {id: pc, plugins: [key-auth]}
+routes:
+  - {id: 1, uri: /a, filter_func: "function(vars) return true end", upstream: {nodes: {"127.0.0.1:1": 1}}}
+  - {id: 2, uri: /b, hosts: ["example.com:8080"], upstream: {pass_host: rewrite, upstream_host: "bad\nhost", nodes: {"127.0.0.1:1": 1}}}
+"#,
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "plugin config pc: plugins: must be a map of plugin name to configuration",
+            "route 1: filter_func: Lua functions are not supported; use `vars` expressions",
+            "route 2: upstream.upstream_host: must be a host name, with an optional port",
+            "route 2: hosts[0]: `example.com:8080` is not a host name or a wildcard such as *.example.com (no port)",
+        ]
+    );
 }

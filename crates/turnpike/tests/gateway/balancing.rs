@@ -166,3 +166,114 @@ async fn upstream_statuses_pass_through() {
         assert_eq!(r.body, format!("status {code} from s"));
     }
 }
+
+#[tokio::test]
+async fn keepalive_pool_reuses_and_retires_connections() {
+    let (reused, retired, expired) = (
+        Upstream::start("r").await,
+        Upstream::start("t").await,
+        Upstream::start("e").await,
+    );
+    let gw = Gateway::start(&format!(
+        r#"
+routes:
+  - {{id: reused, uri: /reused, upstream: {{nodes: {{"{r}": 1}}}}}}
+  - {{id: retired, uri: /retired, upstream: {{keepalive_pool: {{requests: 2}}, nodes: {{"{t}": 1}}}}}}
+  - {{id: expired, uri: /expired, upstream: {{keepalive_pool: {{idle_timeout: 0.1}}, nodes: {{"{e}": 1}}}}}}
+"#,
+        r = reused.node(),
+        t = retired.node(),
+        e = expired.node()
+    ))
+    .await;
+    // One client connection, so one worker and one pool serve every request.
+    let c = client();
+    let hit = |path: &'static str| {
+        let req = http::Request::get(gw.url(path))
+            .body(full(bytes::Bytes::new()))
+            .unwrap();
+        send(&c, req)
+    };
+    for _ in 0..10 {
+        assert_eq!(hit("/reused").await.unwrap().status, 200);
+        assert_eq!(hit("/retired").await.unwrap().status, 200);
+    }
+    assert_eq!(reused.conns(), 1, "ten requests, one warm connection");
+    assert_eq!(retired.conns(), 5, "two requests per connection");
+    for _ in 0..3 {
+        assert_eq!(hit("/expired").await.unwrap().status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        expired.conns(),
+        3,
+        "idle connections past idle_timeout are not reused"
+    );
+}
+
+#[tokio::test]
+async fn send_timeout_when_the_upstream_stops_reading() {
+    // Accepts connections and never reads from them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            keep.push(s);
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{timeout: {{send: 0.3, read: 30}}, nodes: {{\"{addr}\": 1}}}}}}\n"
+    ))
+    .await;
+    let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let chunks = futures_util::stream::iter((0..256).map(move |_| {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(chunk.clone()))
+    }));
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks));
+    let started = std::time::Instant::now();
+    let r = send(
+        &client(),
+        http::Request::post(gw.url("/upload")).body(body).unwrap(),
+    )
+    .await;
+    // The gateway gives up on the upstream after the send timeout. The client
+    // may see the 504, or a reset if it was still sending when it came.
+    if let Ok(r) = r {
+        assert_eq!(r.status, 504, "{}", r.body);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    gw.wait_log("upstream send timed out", 1).await;
+    held.abort();
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    // A listener that never accepts, with its accept queue filled: the
+    // kernel drops further SYNs, so a connect hangs until it times out.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog to the minimum.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 0) };
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{retries: 0, timeout: {{connect: 0.3}}, nodes: {{\"{addr}\": 1}}}}}}\n"
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let r = get(&gw.url("/")).await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(gw.log_text().contains("connect timed out"));
+    drop(socket);
+}

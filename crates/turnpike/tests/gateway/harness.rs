@@ -43,6 +43,8 @@ pub fn full(data: impl Into<Bytes>) -> Body {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -55,13 +57,16 @@ impl Upstream {
     pub async fn serve(listener: TcpListener, name: &str) -> Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
         let name: Arc<str> = name.into();
         let counter = hits.clone();
+        let accepted = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let name = name.clone();
                 let counter = counter.clone();
                 tokio::spawn(async move {
@@ -75,7 +80,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, task }
+        Upstream {
+            addr,
+            hits,
+            conns,
+            task,
+        }
     }
 
     pub fn node(&self) -> String {
@@ -84,6 +94,10 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
     }
 }
 
@@ -241,6 +255,11 @@ impl Gateway {
         let dir = TempDir::new();
         let config = dir.path.join("turnpike.yaml");
         std::fs::write(&config, text).unwrap();
+        Gateway::launch(dir, config, port, status_port).await
+    }
+
+    /// Starts the gateway on a config file already in place in `dir`.
+    pub async fn launch(dir: TempDir, config: PathBuf, port: u16, status_port: u16) -> Gateway {
         let log = dir.path.join("turnpike.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary())

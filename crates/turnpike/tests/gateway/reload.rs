@@ -100,3 +100,29 @@ async fn invalid_edit_is_refused_and_the_old_config_keeps_serving() {
     gw.signal(libc::SIGHUP);
     gw.wait_log("configuration reloaded (SIGHUP)", 1).await;
 }
+
+#[tokio::test]
+async fn kubernetes_style_symlink_swap_is_seen() {
+    // A ConfigMap volume: turnpike.yaml -> ..data/turnpike.yaml, and an
+    // update re-points ..data at a new directory.
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let (port, status_port) = (free_port(), free_port());
+    let dir = TempDir::new();
+    for (version, node) in [("v1", a.node()), ("v2", b.node())] {
+        std::fs::create_dir(dir.path.join(version)).unwrap();
+        let text = format!("{}{}", settings(port, status_port), routes(&[&node], 0));
+        std::fs::write(dir.path.join(version).join("turnpike.yaml"), text).unwrap();
+    }
+    std::os::unix::fs::symlink("v1", dir.path.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/turnpike.yaml", dir.path.join("turnpike.yaml")).unwrap();
+    let config = dir.path.join("turnpike.yaml");
+    let swap_from = dir.path.join("..data_tmp");
+    let swap_to = dir.path.join("..data");
+    let gw = Gateway::launch(dir, config, port, status_port).await;
+    assert_eq!(get(&gw.url("/")).await.unwrap().json()["name"], "a");
+
+    std::os::unix::fs::symlink("v2", &swap_from).unwrap();
+    std::fs::rename(&swap_from, &swap_to).unwrap();
+    gw.wait_log("configuration reloaded", 1).await;
+    assert_eq!(get(&gw.url("/")).await.unwrap().json()["name"], "b");
+}
