@@ -47,7 +47,7 @@ const PROBES: [(&str, &str); 5] = [
 ];
 
 /// The baseline: test every route in turn, as a naive gateway would.
-fn linear<'a>(specs: &'a [RouteSpec], path: &str, host: &str) -> Option<usize> {
+fn linear(specs: &[RouteSpec], path: &str, host: &str) -> Option<usize> {
     specs.iter().position(|s| {
         let host_ok = s.hosts.is_empty() || s.hosts.iter().any(|h| h == host);
         host_ok && s.uris.iter().any(|u| pattern_matches(u, path))
