@@ -14,8 +14,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
+use crate::h1::InlineBody;
 use crate::handler::LoadGuard;
 use crate::pool::Pooled;
 
@@ -30,6 +31,8 @@ pub enum ProxyBody {
     Request(RequestBody),
     /// An upstream's response body on its way to the client.
     Upstream(UpstreamBody),
+    /// The same, read by Turnpike's own HTTP/1.1 client (see `h1`).
+    Inline(InlineBody),
 }
 
 /// A request body that wakes the request path once it has been sent whole,
@@ -112,7 +115,7 @@ impl UpstreamBody {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = Instant::now() + self.read_timeout;
+        let deadline = crate::clock::deadline(self.read_timeout);
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -145,6 +148,7 @@ impl Body for ProxyBody {
                 }
                 polled.map_err(Into::into)
             }
+            ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             ProxyBody::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     up.armed = false;
@@ -179,6 +183,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) => body.is_end_stream(),
             ProxyBody::Request(req) => req.body.is_end_stream(),
             ProxyBody::Upstream(up) => up.body.is_end_stream(),
+            ProxyBody::Inline(body) => body.is_end_stream(),
         }
     }
 
@@ -191,6 +196,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) => body.size_hint(),
             ProxyBody::Request(req) => req.body.size_hint(),
             ProxyBody::Upstream(up) => up.body.size_hint(),
+            ProxyBody::Inline(body) => body.size_hint(),
         }
     }
 }

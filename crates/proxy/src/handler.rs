@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::sync::Notify;
-use turnpike_config::{HashOn, KeyPart, PassHost, Route, Snapshot, Upstream};
+use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Upstream};
 use turnpike_router::{encode_path, normalize_path, VarSource};
 
 use crate::body::ProxyBody;
@@ -187,8 +187,7 @@ async fn forward(
         Some(done) => ProxyBody::Request(crate::body::RequestBody::new(body, done.clone())),
         None => ProxyBody::Incoming(body),
     });
-    let started = Instant::now();
-    let deadline = upstream.retry_timeout.map(|t| started + t);
+    let deadline = upstream.retry_timeout.map(|t| Instant::now() + t);
     let mut tried = [0usize; MAX_TRIED];
     let mut attempts = 0;
     let mut last = Failure::Unavailable;
@@ -203,22 +202,28 @@ async fn forward(
         let host = upstream_host(&plan, upstream, node);
         let target = target(upstream, route, node, host.as_ref());
         let req = build_request(&mut parts, &plan, upstream, node, host.clone(), body.take());
-        let tracked = upstream
+        let mut tracked = upstream
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
+        let read = route.timeouts.read;
         let result = if client_upgrade.is_some() {
             Box::pin(crate::upgrade::forward(
                 &target,
                 req,
                 &mut client_upgrade,
-                route.timeouts.read,
+                read,
             ))
             .await
+            .map(|(resp, pooled)| respond(resp, pooled, read, tracked.take()))
+        } else if sent.is_none() && upstream.scheme == Scheme::Http {
+            send_inline(&target, req, read, &mut tracked).await
         } else {
-            send(&target, req, route.timeouts.read, sent.as_deref()).await
+            send(&target, req, read, sent.as_deref())
+                .await
+                .map(|(resp, pooled)| respond(resp, pooled, read, tracked.take()))
         };
         match result {
-            Ok((resp, pooled)) => return respond(resp, pooled, route, tracked),
+            Ok(resp) => return resp,
             Err(Attempt::Connect(e, req)) => {
                 // A node that cannot be reached must not look fast to ewma.
                 if let Some(guard) = tracked {
@@ -347,7 +352,9 @@ async fn send(
                     _ = sent.notified() => {}
                 }
             }
-            tokio::time::timeout(read_timeout, &mut exchange).await.ok()
+            tokio::time::timeout_at(crate::clock::deadline(read_timeout), &mut exchange)
+                .await
+                .ok()
         };
         match outcome.await {
             None => {
@@ -417,16 +424,43 @@ fn is_timeout(e: &hyper::Error) -> bool {
 fn respond(
     resp: Response<Incoming>,
     pooled: Option<pool::Pooled>,
-    route: &Route,
+    read_timeout: Duration,
     tracked: Option<LoadGuard>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
+    response_head(&mut parts);
+    let body = ProxyBody::upstream(body, pooled, read_timeout, tracked);
+    Response::from_parts(parts, body)
+}
+
+/// What every upstream response head goes through on its way to the client.
+fn response_head(parts: &mut http::response::Parts) {
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);
     // HTTP/2 clients get whatever version hyper speaks to them.
     parts.version = Version::HTTP_11;
-    let body = ProxyBody::upstream(body, pooled, route.timeouts.read, tracked);
-    Response::from_parts(parts, body)
+}
+
+/// A body-less request to a plain-HTTP node, on Turnpike's own client.
+async fn send_inline(
+    target: &Target<'_>,
+    req: Request<ProxyBody>,
+    read_timeout: Duration,
+    tracked: &mut Option<LoadGuard>,
+) -> Result<Response<ProxyBody>, Attempt> {
+    match crate::h1::send(target, &req, read_timeout, tracked).await {
+        Ok(mut resp) => {
+            let (mut parts, body) = resp.into_parts();
+            response_head(&mut parts);
+            resp = Response::from_parts(parts, body);
+            Ok(resp)
+        }
+        Err(crate::h1::Error::Connect(e)) => Err(Attempt::Connect(e, Box::new(req))),
+        Err(e @ crate::h1::Error::Timeout(_)) => {
+            Err(Attempt::Failed(Failure::Timeout, e.to_string()))
+        }
+        Err(e) => Err(Attempt::Failed(Failure::BadGateway, e.to_string())),
+    }
 }
 
 /// Reports a request's end to `least_conn`/`ewma` when dropped (with the body).

@@ -8,7 +8,9 @@
 //! See `crates/turnpike/src/main.rs` for the wiring.
 
 mod body;
+mod clock;
 mod error;
+mod h1;
 mod handler;
 mod headers;
 mod pool;

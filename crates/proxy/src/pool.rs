@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use turnpike_config::{Keepalive, Node, Scheme};
 
 use crate::body::ProxyBody;
+use crate::clock;
 use crate::timed::Timed;
 use crate::tls;
 
@@ -91,10 +92,11 @@ impl Pooled {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = idle.entry(self.key).or_default();
+            let now = clock::now();
             // The oldest sit at the front: drop those past their idle time.
             while list
                 .front()
-                .is_some_and(|c| c.since.elapsed() >= idle_timeout)
+                .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
             {
                 list.pop_front();
             }
@@ -103,7 +105,7 @@ impl Pooled {
             }
             list.push_back(Idle {
                 tx: self.tx,
-                since: Instant::now(),
+                since: now,
                 served: self.served,
             });
         });
@@ -194,7 +196,7 @@ fn take_idle(key: &PoolKey, idle_timeout: Duration) -> Option<Idle> {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(key)?;
         while let Some(c) = list.pop_back() {
-            if !c.tx.is_closed() && c.since.elapsed() < idle_timeout {
+            if !c.tx.is_closed() && clock::now().saturating_duration_since(c.since) < idle_timeout {
                 return Some(c);
             }
         }
@@ -274,7 +276,7 @@ async fn connect_io(target: &Target<'_>) -> Result<Io, ConnectError> {
     Ok(TokioIo::new(Timed::new(stream, target.send_timeout)))
 }
 
-async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+pub(crate) async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }

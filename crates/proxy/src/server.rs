@@ -126,6 +126,7 @@ async fn worker(
     stopped: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let ticker = tokio::spawn(crate::clock::tick());
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -157,6 +158,7 @@ async fn worker(
     {
         tracing::warn!("grace period over: closing the connections still open");
     }
+    ticker.abort();
 }
 
 async fn accept_loop(

@@ -97,6 +97,15 @@ fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
             "at least one address is needed",
         ));
     }
+    for (i, addr) in g.listen.iter().enumerate() {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(ConfigError::new(
+                "gateway",
+                format!("listen[{i}]"),
+                format!("`{addr}` is not ip:port"),
+            ));
+        }
+    }
     errors
 }
 
