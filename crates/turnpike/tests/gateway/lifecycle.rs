@@ -39,12 +39,26 @@ upstreams:
     }
 
     let settings = dir.path.join("settings.yaml");
-    std::fs::write(&settings, "gateway:\n  listen: [\"localhost:9080\"]\n  config_provider: etcd\n").unwrap();
-    let out = Command::new(binary()).args(["check", "-c"]).arg(&settings).output().unwrap();
+    std::fs::write(
+        &settings,
+        "gateway:\n  listen: [\"localhost:9080\"]\n  config_provider: etcd\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["check", "-c"])
+        .arg(&settings)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("gateway: listen[0]: `localhost:9080` is not ip:port"), "{err}");
-    assert!(err.contains("gateway: config_provider: only `file` is available"), "{err}");
+    assert!(
+        err.contains("gateway: listen[0]: `localhost:9080` is not ip:port"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway: config_provider: only `file` is available"),
+        "{err}"
+    );
 
     let good = dir.path.join("good.yaml");
     std::fs::write(

@@ -9,3 +9,4 @@ mod proxying;
 mod reload;
 mod routing;
 mod streams;
+mod upstream_http;
