@@ -4,7 +4,6 @@
 //! it ends, and enforces the read timeout between two reads, as nginx's
 //! `proxy_read_timeout` does.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,8 +13,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
-use tokio::time::Sleep;
 
+use crate::clock::IdleTimer;
 use crate::h1::InlineBody;
 use crate::handler::LoadGuard;
 use crate::pool::Pooled;
@@ -63,10 +62,7 @@ pub struct UpstreamBody {
     _load: Option<LoadGuard>,
     /// Given back to the pool once the body has been read to its end.
     conn: Option<Pooled>,
-    read_timeout: Duration,
-    /// Allocated on the first read that has to wait, then reset and reused.
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    read_timeout: IdleTimer,
 }
 
 /// The upstream stopped sending for longer than the read timeout.
@@ -96,9 +92,7 @@ impl ProxyBody {
             body,
             _load: load,
             conn,
-            read_timeout,
-            timer: None,
-            armed: false,
+            read_timeout: IdleTimer::new(read_timeout),
         };
         if up.body.is_end_stream() {
             up.release();
@@ -112,18 +106,6 @@ impl UpstreamBody {
         if let Some(conn) = self.conn.take() {
             conn.release();
         }
-    }
-
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = crate::clock::deadline(self.read_timeout);
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
-            timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
-        timer.as_mut().poll(cx)
     }
 }
 
@@ -151,7 +133,7 @@ impl Body for ProxyBody {
             ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             ProxyBody::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    up.armed = false;
+                    up.read_timeout.progress();
                     if up.body.is_end_stream() {
                         up.release();
                     }
@@ -165,7 +147,7 @@ impl Body for ProxyBody {
                     up.conn = None;
                     Poll::Ready(Some(Err(e.into())))
                 }
-                Poll::Pending => match up.poll_timer(cx) {
+                Poll::Pending => match up.read_timeout.poll_expired(cx) {
                     Poll::Ready(()) => {
                         up.conn = None;
                         Poll::Ready(Some(Err(ReadTimeout.into())))

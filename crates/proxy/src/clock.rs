@@ -33,3 +33,43 @@ pub(crate) async fn tick() {
 pub(crate) fn deadline(after: Duration) -> tokio::time::Instant {
     tokio::time::Instant::from_std(now() + after)
 }
+
+/// A timeout between two events of a stream (nginx's read and send
+/// timeouts): [`IdleTimer::poll_expired`] is called when the stream has to
+/// wait, [`IdleTimer::progress`] when it moves. The timer is allocated only
+/// the first time a wait happens, then reset and reused, so a stream that
+/// never waits never touches the timer wheel.
+pub(crate) struct IdleTimer {
+    limit: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(limit: Duration) -> IdleTimer {
+        IdleTimer {
+            limit,
+            sleep: None,
+            armed: false,
+        }
+    }
+
+    /// The stream moved: the next wait starts a new period.
+    pub(crate) fn progress(&mut self) {
+        self.armed = false;
+    }
+
+    /// The stream has to wait: ready once it has waited longer than the limit.
+    pub(crate) fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::future::Future;
+        let at = deadline(self.limit);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            sleep.as_mut().reset(at);
+            self.armed = true;
+        }
+        sleep.as_mut().poll(cx)
+    }
+}

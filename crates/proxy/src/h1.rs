@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -27,11 +26,10 @@ use http::header::{
 use http::{Method, Request, Response, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 use turnpike_config::Keepalive;
 
 use crate::body::{ProxyBody, ReadTimeout};
-use crate::clock;
+use crate::clock::{self, IdleTimer};
 use crate::handler::LoadGuard;
 use crate::pool::{ConnectError, Target};
 
@@ -425,9 +423,7 @@ pub struct InlineBody {
     conn: Option<Conn>,
     kind: Kind,
     keep_alive: bool,
-    read_timeout: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    read_timeout: IdleTimer,
     _load: Option<LoadGuard>,
 }
 
@@ -442,9 +438,7 @@ impl InlineBody {
             conn: Some(conn),
             kind: framing.kind,
             keep_alive: framing.keep_alive,
-            read_timeout,
-            timer: None,
-            armed: false,
+            read_timeout: IdleTimer::new(read_timeout),
             _load: load,
         };
         if body.kind == Kind::Done {
@@ -514,30 +508,18 @@ impl InlineBody {
                         "upstream closed the connection inside the body".into(),
                     )));
                 }
-                Poll::Ready(Ok(_)) => self.armed = false,
+                Poll::Ready(Ok(_)) => self.read_timeout.progress(),
                 Poll::Ready(Err(e)) => {
                     self.conn = None;
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Pending => {
-                    ready!(self.poll_timer(cx));
+                    ready!(self.read_timeout.poll_expired(cx));
                     self.conn = None;
                     return Poll::Ready(Some(Err(ReadTimeout.into())));
                 }
             }
         }
-    }
-
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = clock::deadline(self.read_timeout);
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
-            timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
-        timer.as_mut().poll(cx)
     }
 }
 
@@ -549,17 +531,15 @@ fn decode(kind: &mut Kind, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static
             Kind::Done => return Ok(None),
             Kind::UntilClose => return Ok((!buf.is_empty()).then(|| buf.split().freeze())),
             Kind::Length(left) => {
-                if buf.is_empty() {
+                let Some((data, left)) = take(buf, left) else {
                     return Ok(None);
-                }
-                let n = (left as usize).min(buf.len());
-                let left = left - n as u64;
+                };
                 *kind = if left == 0 {
                     Kind::Done
                 } else {
                     Kind::Length(left)
                 };
-                return Ok(Some(buf.split_to(n).freeze()));
+                return Ok(Some(data));
             }
             Kind::Chunked(Chunk::Size) => {
                 let Some(end) = find_crlf(buf) else {
@@ -580,17 +560,15 @@ fn decode(kind: &mut Kind, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static
                 });
             }
             Kind::Chunked(Chunk::Data(left)) => {
-                if buf.is_empty() {
+                let Some((data, left)) = take(buf, left) else {
                     return Ok(None);
-                }
-                let n = (left as usize).min(buf.len());
-                let left = left - n as u64;
+                };
                 *kind = Kind::Chunked(if left == 0 {
                     Chunk::DataEnd
                 } else {
                     Chunk::Data(left)
                 });
-                return Ok(Some(buf.split_to(n).freeze()));
+                return Ok(Some(data));
             }
             Kind::Chunked(Chunk::DataEnd) => {
                 if buf.len() < 2 {
@@ -618,6 +596,15 @@ fn decode(kind: &mut Kind, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static
             }
         }
     }
+}
+
+/// Up to `left` bytes of body from the buffer, and how many remain after them.
+fn take(buf: &mut BytesMut, left: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    Some((buf.split_to(n).freeze(), left - n as u64))
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {

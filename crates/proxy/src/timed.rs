@@ -3,47 +3,33 @@
 //! operations"). The timer exists only once a write has had to wait, which
 //! happens when the upstream stops reading.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
 
+use crate::clock::IdleTimer;
 use crate::tls::MaybeTls;
 
 pub(crate) struct Timed {
     inner: MaybeTls,
-    write_timeout: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    write_timeout: IdleTimer,
 }
 
 impl Timed {
     pub(crate) fn new(inner: MaybeTls, write_timeout: Duration) -> Self {
         Timed {
             inner,
-            write_timeout,
-            timer: None,
-            armed: false,
+            write_timeout: IdleTimer::new(write_timeout),
         }
     }
 
     /// Called when a write could not proceed: fails once it has waited too long.
     fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let deadline = Instant::now() + self.write_timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
-            timer.as_mut().reset(deadline);
-            self.armed = true;
-        }
-        timer
-            .as_mut()
-            .poll(cx)
+        self.write_timeout
+            .poll_expired(cx)
             .map(|()| io::Error::new(io::ErrorKind::TimedOut, "upstream send timed out"))
     }
 
@@ -58,7 +44,7 @@ impl Timed {
                 Poll::Pending => Poll::Pending,
             },
             ready => {
-                self.armed = false;
+                self.write_timeout.progress();
                 ready
             }
         }
