@@ -13,7 +13,7 @@
 //! reads an early response while it is still sending.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -53,7 +53,7 @@ struct Idle {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<Box<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
 }
 
 /// Why an exchange failed.
@@ -169,7 +169,7 @@ async fn checkout(target: &Target<'_>, careful: bool) -> Result<(Conn, bool), Co
 }
 
 fn take_idle(key: &str) -> Option<Idle> {
-    IDLE.with(|idle| idle.borrow_mut().get_mut(key)?.pop())
+    IDLE.with(|idle| idle.borrow_mut().get_mut(key)?.pop_back())
 }
 
 async fn connect(target: &Target<'_>) -> Result<TcpStream, ConnectError> {
@@ -305,11 +305,17 @@ impl Conn {
             let mut idle = idle.borrow_mut();
             let list = idle.entry(self.key.clone()).or_default();
             let now = clock::now();
-            list.retain(|c| now.saturating_duration_since(c.since) < idle_timeout);
-            if list.len() >= size {
-                list.remove(0);
+            // Oldest at the front, warmest at the back (taken first).
+            while list
+                .front()
+                .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
+            {
+                list.pop_front();
             }
-            list.push(Idle {
+            if list.len() >= size {
+                list.pop_front();
+            }
+            list.push_back(Idle {
                 conn: self,
                 since: now,
             });
