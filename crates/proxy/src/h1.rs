@@ -13,11 +13,10 @@
 //! reads an early response while it is still sending.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{
@@ -31,6 +30,7 @@ use turnpike_config::Keepalive;
 use crate::body::{ProxyBody, ReadTimeout};
 use crate::clock::{self, IdleTimer};
 use crate::handler::LoadGuard;
+use crate::idle::IdlePool;
 use crate::pool::{ConnectError, Target};
 
 /// Longest response head accepted.
@@ -47,13 +47,8 @@ pub(crate) struct Conn {
     keepalive: Keepalive,
 }
 
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
 thread_local! {
-    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<IdlePool<Box<str>, Conn>> = RefCell::new(IdlePool::default());
 }
 
 /// Why an exchange failed.
@@ -148,14 +143,14 @@ const FRESH: Duration = Duration::from_secs(1);
 
 async fn checkout(target: &Target<'_>, careful: bool) -> Result<(Conn, bool), ConnectError> {
     let key = &*target.node.addr;
-    while let Some(idle) = take_idle(key) {
-        let idle_for = clock::now().saturating_duration_since(idle.since);
-        let trusted = idle_for < FRESH && !careful;
-        if idle_for < target.keepalive.idle_timeout && (trusted || idle.conn.is_open()) {
-            let mut conn = idle.conn;
-            conn.keepalive = target.keepalive;
-            return Ok((conn, true));
-        }
+    let usable = |conn: &Conn, idle_for: Duration| (idle_for < FRESH && !careful) || conn.is_open();
+    let warm = IDLE.with(|pool| {
+        pool.borrow_mut()
+            .take(key, target.keepalive.idle_timeout, usable)
+    });
+    if let Some(mut conn) = warm {
+        conn.keepalive = target.keepalive;
+        return Ok((conn, true));
     }
     let stream = Box::pin(connect(target)).await?;
     let conn = Conn {
@@ -166,10 +161,6 @@ async fn checkout(target: &Target<'_>, careful: bool) -> Result<(Conn, bool), Co
         keepalive: target.keepalive,
     };
     Ok((conn, false))
-}
-
-fn take_idle(key: &str) -> Option<Idle> {
-    IDLE.with(|idle| idle.borrow_mut().get_mut(key)?.pop_back())
 }
 
 async fn connect(target: &Target<'_>) -> Result<TcpStream, ConnectError> {
@@ -299,27 +290,8 @@ impl Conn {
         if self.served >= self.keepalive.requests || !self.buf.is_empty() {
             return;
         }
-        let size = self.keepalive.size;
-        let idle_timeout = self.keepalive.idle_timeout;
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.key.clone()).or_default();
-            let now = clock::now();
-            // Oldest at the front, warmest at the back (taken first).
-            while list
-                .front()
-                .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
-            {
-                list.pop_front();
-            }
-            if list.len() >= size {
-                list.pop_front();
-            }
-            list.push_back(Idle {
-                conn: self,
-                since: now,
-            });
-        });
+        let (key, keepalive) = (self.key.clone(), self.keepalive);
+        IDLE.with(|pool| pool.borrow_mut().put(key, self, &keepalive));
     }
 }
 

@@ -13,6 +13,7 @@ mod error;
 mod h1;
 mod handler;
 mod headers;
+mod idle;
 mod pool;
 mod server;
 mod status;

@@ -9,10 +9,10 @@
 //! how many requests a connection retires.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use turnpike_config::{Keepalive, Node, Scheme};
 
 use crate::body::ProxyBody;
-use crate::clock;
+use crate::idle::IdlePool;
 use crate::timed::Timed;
 use crate::tls;
 
@@ -37,12 +37,11 @@ pub(crate) struct PoolKey {
 
 struct Idle {
     tx: http1::SendRequest<ProxyBody>,
-    since: Instant,
     served: u32,
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<PoolKey, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<IdlePool<PoolKey, Idle>> = RefCell::new(IdlePool::default());
     static H2: RefCell<HashMap<PoolKey, http2::SendRequest<ProxyBody>>> = RefCell::new(HashMap::new());
 }
 
@@ -87,28 +86,11 @@ impl Pooled {
         if self.served >= self.keepalive.requests || self.tx.is_closed() {
             return;
         }
-        let size = self.keepalive.size;
-        let idle_timeout = self.keepalive.idle_timeout;
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.key).or_default();
-            let now = clock::now();
-            // The oldest sit at the front: drop those past their idle time.
-            while list
-                .front()
-                .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
-            {
-                list.pop_front();
-            }
-            if list.len() >= size {
-                list.pop_front();
-            }
-            list.push_back(Idle {
-                tx: self.tx,
-                since: now,
-                served: self.served,
-            });
-        });
+        let idle = Idle {
+            tx: self.tx,
+            served: self.served,
+        };
+        IDLE.with(|pool| pool.borrow_mut().put(self.key, idle, &self.keepalive));
     }
 }
 
@@ -192,15 +174,9 @@ pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError
 }
 
 fn take_idle(key: &PoolKey, idle_timeout: Duration) -> Option<Idle> {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(key)?;
-        while let Some(c) = list.pop_back() {
-            if !c.tx.is_closed() && clock::now().saturating_duration_since(c.since) < idle_timeout {
-                return Some(c);
-            }
-        }
-        None
+    IDLE.with(|pool| {
+        pool.borrow_mut()
+            .take(key, idle_timeout, |c, _| !c.tx.is_closed())
     })
 }
 

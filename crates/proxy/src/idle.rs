@@ -1,0 +1,116 @@
+//! Idle keep-alive connections, per worker thread and per destination:
+//! the warmest connection is taken first, the oldest evicted first. One
+//! piece serves both of the gateway's HTTP/1.1 clients (hyper's, for
+//! requests with bodies and TLS, and `h1`, for the rest).
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use turnpike_config::Keepalive;
+
+use crate::clock;
+
+pub(crate) struct IdlePool<K, C> {
+    by_key: HashMap<K, VecDeque<Entry<C>>>,
+}
+
+struct Entry<C> {
+    conn: C,
+    since: Instant,
+}
+
+impl<K: Hash + Eq, C> Default for IdlePool<K, C> {
+    fn default() -> Self {
+        IdlePool {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq, C> IdlePool<K, C> {
+    /// Keeps `conn` for reuse, within `keepalive.size` per destination;
+    /// connections past `idle_timeout` are dropped on the way.
+    pub(crate) fn put(&mut self, key: K, conn: C, keepalive: &Keepalive) {
+        let now = clock::now();
+        let list = self.by_key.entry(key).or_default();
+        while list
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.since) >= keepalive.idle_timeout)
+        {
+            list.pop_front();
+        }
+        if list.len() >= keepalive.size {
+            list.pop_front();
+        }
+        list.push_back(Entry { conn, since: now });
+    }
+
+    /// The warmest connection idle for less than `idle_timeout` that
+    /// `usable` accepts (it is told how long the connection has been idle);
+    /// the ones it refuses are dropped.
+    pub(crate) fn take<Q>(
+        &mut self,
+        key: &Q,
+        idle_timeout: Duration,
+        usable: impl Fn(&C, Duration) -> bool,
+    ) -> Option<C>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let list = self.by_key.get_mut(key)?;
+        let now = clock::now();
+        while let Some(e) = list.pop_back() {
+            let idle_for = now.saturating_duration_since(e.since);
+            if idle_for < idle_timeout && usable(&e.conn, idle_for) {
+                return Some(e.conn);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keepalive(size: usize, idle_ms: u64) -> Keepalive {
+        Keepalive {
+            size,
+            idle_timeout: Duration::from_millis(idle_ms),
+            requests: 100,
+        }
+    }
+
+    #[test]
+    fn warmest_first_and_size_bounded() {
+        let mut pool = IdlePool::default();
+        let k = keepalive(2, 60_000);
+        for conn in 1..=3 {
+            pool.put("a", conn, &k);
+        }
+        assert_eq!(pool.take(&"a", k.idle_timeout, |_, _| true), Some(3));
+        assert_eq!(pool.take(&"a", k.idle_timeout, |_, _| true), Some(2));
+        assert_eq!(
+            pool.take(&"a", k.idle_timeout, |_, _| true),
+            None,
+            "the oldest was evicted"
+        );
+        assert_eq!(pool.take(&"b", k.idle_timeout, |_, _| true), None);
+    }
+
+    #[test]
+    fn refused_and_expired_connections_are_dropped() {
+        let mut pool = IdlePool::default();
+        let k = keepalive(8, 60_000);
+        pool.put("a", 1, &k);
+        pool.put("a", 2, &k);
+        assert_eq!(pool.take(&"a", k.idle_timeout, |c, _| *c == 1), Some(1));
+        assert_eq!(pool.take(&"a", k.idle_timeout, |_, _| true), None);
+        pool.put("a", 3, &k);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(pool.take(&"a", Duration::from_millis(1), |_, _| true), None);
+    }
+}
