@@ -46,12 +46,8 @@ impl Ewma {
         }
     }
 
-    /// The node's cost now. The average decays toward zero while a node
+    /// The node's cost at `now`. The average decays toward zero while a node
     /// gets no samples, so one slow answer cannot starve a node for good.
-    fn score(&self, i: usize) -> f64 {
-        self.score_at(i, now_micros())
-    }
-
     fn score_at(&self, i: usize, now: u64) -> f64 {
         let stat = &self.nodes[i];
         let ewma = f64::from_bits(stat.ewma.load(Ordering::Relaxed));
@@ -71,8 +67,15 @@ impl Ewma {
             .map(|k| (a + offset + k) % n)
             .find(|&i| i != a && eligible(i));
         Some(match b {
-            Some(b) if self.score(b) < self.score(a) => b,
-            _ => a,
+            Some(b) => {
+                let now = now_micros();
+                if self.score_at(b, now) < self.score_at(a, now) {
+                    b
+                } else {
+                    a
+                }
+            }
+            None => a,
         })
     }
 
@@ -103,6 +106,12 @@ impl Ewma {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Ewma {
+        fn score(&self, i: usize) -> f64 {
+            self.score_at(i, now_micros())
+        }
+    }
 
     #[test]
     fn slow_node_gets_less_traffic() {
