@@ -56,7 +56,7 @@ wait_ready "$S"
 ready_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 sleep 1
 echo "10,000 routes: ready in ${ready_ms} ms (process start, parse, compile, listen); RSS $(rss_kib $PID) KiB"
-touch "$TMP/10k.yaml"
+echo "# edited $(date +%s%N)" >> "$TMP/10k.yaml"
 for _ in $(seq 1 100); do grep -q "configuration reloaded" "$TMP/log" && break; sleep 0.05; done
 echo "reload of 10,000 routes (parse + compile + swap): $(grep -o 'elapsed_ms=[0-9]*' "$TMP/log" | tail -1)"
 echo "RSS after reload: $(rss_kib $PID) KiB"
