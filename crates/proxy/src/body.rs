@@ -5,6 +5,7 @@
 //! `proxy_read_timeout` does.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,15 +35,41 @@ pub enum ProxyBody {
     Inline(InlineBody),
 }
 
-/// A request body that wakes the request path once it has been sent whole,
-/// which is when the upstream's read timeout starts.
+/// Whether a request body has been handed over whole: the upstream's read
+/// timeout starts then, and only then may its connection go back to a pool
+/// (hyper keeps writing a body after an early response).
+#[derive(Default)]
+pub(crate) struct BodySent {
+    notify: Notify,
+    done: AtomicBool,
+}
+
+impl BodySent {
+    fn mark(&self) {
+        self.done.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the body has been sent (or dropped).
+    pub(crate) async fn wait(&self) {
+        if !self.is_done() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// A request body that reports when it has been sent whole.
 pub struct RequestBody {
     body: Incoming,
-    sent: Option<Arc<Notify>>,
+    sent: Option<Arc<BodySent>>,
 }
 
 impl RequestBody {
-    pub(crate) fn new(body: Incoming, sent: Arc<Notify>) -> Self {
+    pub(crate) fn new(body: Incoming, sent: Arc<BodySent>) -> Self {
         RequestBody {
             body,
             sent: Some(sent),
@@ -51,8 +78,16 @@ impl RequestBody {
 
     fn done(&mut self) {
         if let Some(sent) = self.sent.take() {
-            sent.notify_one();
+            sent.mark();
         }
+    }
+}
+
+/// A body dropped unread (hyper drops a GET's body it will not send, or the
+/// exchange failed) counts as sent: nothing more will be written.
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 

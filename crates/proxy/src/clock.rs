@@ -21,10 +21,17 @@ pub(crate) fn now() -> Instant {
     NOW.with(Cell::get).unwrap_or_else(Instant::now)
 }
 
-/// Keeps this thread's cached time fresh; run once per worker runtime.
+/// Keeps this thread's cached time fresh, and once a second closes the
+/// worker's expired idle upstream connections; run once per worker runtime.
 pub(crate) async fn tick() {
+    let mut ticks = 0u32;
     loop {
         NOW.with(|c| c.set(Some(Instant::now())));
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(100) {
+            crate::h1::sweep();
+            crate::pool::sweep();
+        }
         tokio::time::sleep(TICK).await;
     }
 }

@@ -91,7 +91,7 @@ pub(crate) async fn send(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
     );
     for _ in 0..4 {
-        let (mut conn, reused) = checkout(target, !resend).await.map_err(Error::Connect)?;
+        let (mut conn, reused) = checkout(target).await.map_err(Error::Connect)?;
         match conn
             .exchange(&head, no_body, read_timeout, target.send_timeout)
             .await
@@ -100,7 +100,11 @@ pub(crate) async fn send(
                 let body = InlineBody::new(conn, framing, read_timeout, load.take());
                 return Ok(Response::from_parts(parts, ProxyBody::Inline(body)));
             }
-            Err(Error::Stale) if reused && resend => continue,
+            Err(Error::Stale) if reused && resend => {
+                // The node has likely closed its other idle connections too.
+                IDLE.with(|pool| pool.borrow_mut().clear(&*target.node.addr));
+                continue;
+            }
             Err(Error::Stale) => return Err(Error::Io(io::ErrorKind::ConnectionReset.into())),
             Err(e) => return Err(e),
         }
@@ -135,15 +139,16 @@ fn encode_head(req: &Request<ProxyBody>, authority: &str) -> BytesMut {
     out
 }
 
-/// Below this idle time a connection is used without probing it first: a
-/// node rarely closes one so soon, and an idempotent request that meets a
-/// closed one is resent. `careful` (a request that must not be resent)
-/// always probes, at the cost of a system call.
-const FRESH: Duration = Duration::from_secs(1);
+/// Closes this worker's expired idle connections.
+pub(crate) fn sweep() {
+    IDLE.with(|pool| pool.borrow_mut().sweep());
+}
 
-async fn checkout(target: &Target<'_>, careful: bool) -> Result<(Conn, bool), ConnectError> {
+async fn checkout(target: &Target<'_>) -> Result<(Conn, bool), ConnectError> {
     let key = &*target.node.addr;
-    let usable = |conn: &Conn, idle_for: Duration| (idle_for < FRESH && !careful) || conn.is_open();
+    // Every reuse is probed: bytes that arrived after the last response
+    // (a stray body, an unsolicited 408) must never be read as the next one.
+    let usable = |conn: &Conn, _: Duration| conn.is_open();
     let warm = IDLE.with(|pool| {
         pool.borrow_mut()
             .take(key, target.keepalive.idle_timeout, usable)
@@ -207,15 +212,18 @@ impl Conn {
         &mut self,
         no_body: bool,
     ) -> Result<(http::response::Parts, Framing), Error> {
+        // Any byte of an answer (a 1xx included) means the request was seen:
+        // a close after it is a failure, not a stale connection.
+        let mut answered = false;
         loop {
-            if let Some(parsed) = self.parse_head(no_body)? {
+            if let Some(parsed) = self.parse_head(no_body, &mut answered)? {
                 return Ok(parsed);
             }
             if self.buf.len() >= MAX_HEAD {
                 return Err(Error::Protocol("response head too large".into()));
             }
             self.buf.reserve(READ_CHUNK);
-            let fresh = self.buf.is_empty();
+            let fresh = self.buf.is_empty() && !answered;
             match tokio_util::io::read_buf(&mut self.stream, &mut self.buf).await {
                 Ok(0) if fresh => return Err(Error::Stale),
                 Ok(0) => {
@@ -223,7 +231,7 @@ impl Conn {
                         "connection closed inside the response head".into(),
                     ))
                 }
-                Ok(_) => {}
+                Ok(_) => answered = true,
                 Err(e) if fresh => return Err(stale_or_io(e)),
                 Err(e) => return Err(Error::Io(e)),
             }
@@ -235,6 +243,7 @@ impl Conn {
     fn parse_head(
         &mut self,
         no_body: bool,
+        answered: &mut bool,
     ) -> Result<Option<(http::response::Parts, Framing)>, Error> {
         loop {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -247,6 +256,7 @@ impl Conn {
             let code = resp.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
                 .map_err(|_| Error::Protocol(format!("status {code}")))?;
+            *answered = true;
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Error::Protocol("unexpected 101 Switching Protocols".into()));
@@ -278,6 +288,14 @@ impl Conn {
                 headers.append(name, value);
             }
             let framing = framing(status, &headers, version, no_body)?;
+            if let Kind::Length(n) = framing.kind {
+                // `5, 5` or repeated lines: the client gets one plain value.
+                let plain = headers.get_all(CONTENT_LENGTH).iter().count() == 1
+                    && !headers[CONTENT_LENGTH].as_bytes().contains(&b',');
+                if !plain {
+                    headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+                }
+            }
             let mut parts = Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
@@ -354,9 +372,13 @@ fn framing(
         });
     }
     if headers.contains_key(TRANSFER_ENCODING) {
-        let chunked = tokens(TRANSFER_ENCODING)
-            .next_back()
-            .is_some_and(|t| t == "chunked");
+        // Chunked framing is trusted only from HTTP/1.1, and a message that
+        // also claims a length ends its connection (RFC 9112 §6.1, §6.3).
+        let chunked = version == Version::HTTP_11
+            && tokens(TRANSFER_ENCODING)
+                .next_back()
+                .is_some_and(|t| t == "chunked");
+        let keep_alive = keep_alive && !headers.contains_key(CONTENT_LENGTH);
         let kind = if chunked {
             Kind::Chunked(Chunk::Size)
         } else {
@@ -370,10 +392,8 @@ fn framing(
     let mut length: Option<u64> = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.to_str().unwrap_or("x").split(',') {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| Error::Protocol("invalid content-length".into()))?;
+            let n = digits(part.trim(), 10)
+                .ok_or_else(|| Error::Protocol("invalid content-length".into()))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Protocol("conflicting content-length".into()));
             }
@@ -528,8 +548,12 @@ fn decode(kind: &mut Kind, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static
                     };
                 };
                 let line = std::str::from_utf8(&buf[..end]).map_err(|_| "invalid chunk size")?;
-                let hex = line.split(';').next().unwrap_or("").trim();
-                let size = u64::from_str_radix(hex, 16).map_err(|_| "invalid chunk size")?;
+                let hex = line
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim_end_matches([' ', '\t']);
+                let size = digits(hex, 16).ok_or("invalid chunk size")?;
                 buf.advance(end + 2);
                 *kind = Kind::Chunked(if size == 0 {
                     Chunk::Trailers
@@ -574,6 +598,15 @@ fn decode(kind: &mut Kind, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static
             }
         }
     }
+}
+
+/// A number made of digits only: Rust's parsers also take a leading `+`,
+/// which HTTP does not.
+fn digits(s: &str, radix: u32) -> Option<u64> {
+    if s.is_empty() || !s.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(s, radix).ok()
 }
 
 /// Up to `left` bytes of body from the buffer, and how many remain after them.
@@ -667,6 +700,54 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn ambiguous_framing_is_not_trusted() {
+        let ok = StatusCode::OK;
+        let both = framing(
+            ok,
+            &headers(&[("transfer-encoding", "chunked"), ("content-length", "3")]),
+            Version::HTTP_11,
+            false,
+        )
+        .unwrap();
+        assert_eq!(both.kind, Kind::Chunked(Chunk::Size));
+        assert!(!both.keep_alive, "a message with both ends its connection");
+        let old = framing(
+            ok,
+            &headers(&[("transfer-encoding", "chunked")]),
+            Version::HTTP_10,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            Framing {
+                kind: Kind::UntilClose,
+                keep_alive: false
+            },
+            "HTTP/1.0 cannot be chunked"
+        );
+        for bad in ["+5", " 5x", "0x5", ""] {
+            assert!(
+                framing(
+                    ok,
+                    &headers(&[("content-length", bad)]),
+                    Version::HTTP_11,
+                    false
+                )
+                .is_err(),
+                "{bad:?}"
+            );
+        }
+        let mut kind = Kind::Chunked(Chunk::Size);
+        assert!(decode(&mut kind, &mut BytesMut::from(&b"+5\r\nhello\r\n"[..])).is_err());
+        let mut kind = Kind::Chunked(Chunk::Size);
+        assert!(
+            decode(&mut kind, &mut BytesMut::from(&b"5 ;ext\r\nhello\r\n"[..])).is_ok(),
+            "BWS before an extension is allowed"
+        );
     }
 
     #[test]

@@ -4,17 +4,16 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, HOST, TE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, COOKIE, HOST, TE, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use tokio::sync::Notify;
 use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Upstream};
 use turnpike_router::{encode_path, normalize_path, VarSource};
 
-use crate::body::ProxyBody;
+use crate::body::{BodySent, ProxyBody};
 use crate::error::Failure;
 use crate::headers::{
     new_request_id, set_forwarded, strip_hop_by_hop, usable_request_id, wants_upgrade,
@@ -182,7 +181,17 @@ async fn forward(
             .insert(TE, HeaderValue::from_static("trailers"));
     }
     let has_body = !hyper::body::Body::is_end_stream(&body);
-    let sent = has_body.then(|| Arc::new(Notify::new()));
+    if has_body && !upstream.scheme.is_h2() && !parts.headers.contains_key(CONTENT_LENGTH) {
+        // A streamed body goes up chunked, whatever the method: left to
+        // itself hyper would drop a GET's or HEAD's body without a length.
+        parts
+            .headers
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    if parts.version == Version::HTTP_2 && !upstream.scheme.is_h2() {
+        join_cookies(&mut parts.headers);
+    }
+    let sent = has_body.then(|| Arc::new(BodySent::default()));
     let mut body = Some(match &sent {
         Some(done) => ProxyBody::Request(crate::body::RequestBody::new(body, done.clone())),
         None => ProxyBody::Incoming(body),
@@ -218,9 +227,14 @@ async fn forward(
         } else if sent.is_none() && upstream.scheme == Scheme::Http {
             send_inline(&target, req, read, &mut tracked).await
         } else {
-            send(&target, req, read, sent.as_deref())
+            send(&target, req, read, sent.as_ref())
                 .await
-                .map(|(resp, pooled)| respond(resp, pooled, read, tracked.take()))
+                .map(|(resp, mut pooled)| {
+                    if let Some(p) = pooled.as_mut() {
+                        p.watch_body(sent.clone());
+                    }
+                    respond(resp, pooled, read, tracked.take())
+                })
         };
         match result {
             Ok(resp) => return resp,
@@ -319,6 +333,23 @@ fn build_request(
     req
 }
 
+/// HTTP/2 clients may split `cookie` into several fields; an HTTP/1.1
+/// upstream expects one (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = headers
+        .get_all(COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
+    }
+}
+
 /// How one attempt ended, when it did not produce a response.
 pub(crate) enum Attempt {
     /// The node could not be reached; the request comes back for the next node.
@@ -331,7 +362,7 @@ async fn send(
     target: &Target<'_>,
     mut req: Request<ProxyBody>,
     read_timeout: Duration,
-    body_sent: Option<&Notify>,
+    body_sent: Option<&Arc<BodySent>>,
 ) -> Result<(Response<Incoming>, Option<pool::Pooled>), Attempt> {
     // A pooled connection may have been closed by the upstream while idle;
     // such a request never left and goes again on another connection.
@@ -349,7 +380,7 @@ async fn send(
                 tokio::select! {
                     biased;
                     r = &mut exchange => return Some(r),
-                    _ = sent.notified() => {}
+                    _ = sent.wait() => {}
                 }
             }
             tokio::time::timeout_at(crate::clock::deadline(read_timeout), &mut exchange)
@@ -435,6 +466,11 @@ fn respond(
 
 /// What every upstream response head goes through on its way to the client.
 fn response_head(parts: &mut http::response::Parts) {
+    // With both, Transfer-Encoding framed the body and the length is wrong
+    // (RFC 9112 §6.3): passing it on would truncate the client's copy.
+    if parts.headers.contains_key(TRANSFER_ENCODING) {
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);
     // HTTP/2 clients get whatever version hyper speaks to them.

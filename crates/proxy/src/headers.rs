@@ -24,18 +24,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade && !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = headers.get(&CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !(upgrade && t.eq_ignore_ascii_case("upgrade")))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Every `Connection` line counts, and its tokens are read as bytes.
+    let named: Vec<HeaderName> = headers
+        .get_all(&CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !(upgrade && t.eq_ignore_ascii_case(b"upgrade")))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     // Connection and Upgrade are handled below.
     for name in &HOP_BY_HOP[2..] {
@@ -66,9 +65,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
 }
 
-/// True when the client asks to switch protocols (WebSocket).
+/// True when the client asks to switch to WebSocket. Other protocols
+/// (`h2c` above all) are never tunnelled: a raw connection to a node would
+/// bypass routing for every request sent on it.
 pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE)
+    headers
+        .get(UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
         && headers.get_all(CONNECTION).iter().any(|v| {
             v.to_str()
                 .unwrap_or_default()
@@ -140,6 +143,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn every_connection_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(CONNECTION, HeaderValue::from_static("x-internal-token"));
+        h.insert("x-internal-token", HeaderValue::from_static("secret"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!wants_upgrade(&h));
+        h.insert(UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(wants_upgrade(&h));
     }
 
     #[test]

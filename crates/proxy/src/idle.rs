@@ -19,6 +19,7 @@ pub(crate) struct IdlePool<K, C> {
 struct Entry<C> {
     conn: C,
     since: Instant,
+    idle_timeout: Duration,
 }
 
 impl<K: Hash + Eq, C> Default for IdlePool<K, C> {
@@ -44,7 +45,31 @@ impl<K: Hash + Eq, C> IdlePool<K, C> {
         if list.len() >= keepalive.size {
             list.pop_front();
         }
-        list.push_back(Entry { conn, since: now });
+        list.push_back(Entry {
+            conn,
+            since: now,
+            idle_timeout: keepalive.idle_timeout,
+        });
+    }
+
+    /// Drops every idle connection to `key` (the node closed one: it has
+    /// likely closed the others too).
+    pub(crate) fn clear<Q>(&mut self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.by_key.remove(key);
+    }
+
+    /// Closes connections past their idle time and forgets empty
+    /// destinations, so a node that no longer gets traffic holds no sockets.
+    pub(crate) fn sweep(&mut self) {
+        let now = clock::now();
+        self.by_key.retain(|_, list| {
+            list.retain(|e| now.saturating_duration_since(e.since) < e.idle_timeout);
+            !list.is_empty()
+        });
     }
 
     /// The warmest connection idle for less than `idle_timeout` that
@@ -99,6 +124,22 @@ mod tests {
             "the oldest was evicted"
         );
         assert_eq!(pool.take(&"b", k.idle_timeout, |_, _| true), None);
+    }
+
+    #[test]
+    fn sweep_closes_expired_and_forgets_empty_keys() {
+        let mut pool = IdlePool::default();
+        pool.put("old", 1, &keepalive(8, 1));
+        pool.put("new", 2, &keepalive(8, 60_000));
+        std::thread::sleep(Duration::from_millis(5));
+        pool.sweep();
+        assert_eq!(pool.by_key.len(), 1);
+        assert_eq!(
+            pool.take(&"new", Duration::from_secs(60), |_, _| true),
+            Some(2)
+        );
+        pool.clear(&"new");
+        assert!(pool.by_key.is_empty());
     }
 
     #[test]

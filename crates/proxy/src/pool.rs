@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use turnpike_config::{Keepalive, Node, Scheme};
 
-use crate::body::ProxyBody;
+use crate::body::{BodySent, ProxyBody};
 use crate::idle::IdlePool;
 use crate::timed::Timed;
 use crate::tls;
@@ -78,12 +78,21 @@ pub struct Pooled {
     tx: http1::SendRequest<ProxyBody>,
     served: u32,
     keepalive: Keepalive,
+    /// The request's body, if it had one: the connection is reusable only
+    /// once it has been written whole.
+    body: Option<Arc<BodySent>>,
 }
 
 impl Pooled {
     /// Gives the connection back once its response has been read whole.
+    /// Ties the connection to the request body being written on it.
+    pub(crate) fn watch_body(&mut self, body: Option<Arc<BodySent>>) {
+        self.body = body;
+    }
+
     pub(crate) fn release(self) {
-        if self.served >= self.keepalive.requests || self.tx.is_closed() {
+        let body_pending = self.body.as_ref().is_some_and(|b| !b.is_done());
+        if self.served >= self.keepalive.requests || self.tx.is_closed() || body_pending {
             return;
         }
         let idle = Idle {
@@ -132,6 +141,14 @@ pub(crate) enum SendError {
     Failed(hyper::Error),
 }
 
+/// Closes this worker's expired idle connections.
+pub(crate) fn sweep() {
+    IDLE.with(|pool| pool.borrow_mut().sweep());
+}
+
+/// The longest wait for a pooled connection to become ready.
+const READY_WAIT: Duration = Duration::from_millis(250);
+
 /// A warm connection from the pool, or a new one.
 pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError> {
     let key = target.key();
@@ -143,14 +160,15 @@ pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError
     while let Some(idle) = take_idle(&key, target.keepalive.idle_timeout) {
         let mut tx = idle.tx;
         // A returned connection is ready as soon as its task has seen the
-        // end of the last response; waiting longer means it is wedged.
-        match tokio::time::timeout(target.connect_timeout, tx.ready()).await {
+        // end of the last exchange; waiting longer means it is wedged.
+        match tokio::time::timeout(target.connect_timeout.min(READY_WAIT), tx.ready()).await {
             Ok(Ok(())) => {
                 let pooled = Pooled {
                     key,
                     tx,
                     served: idle.served + 1,
                     keepalive: target.keepalive,
+                    body: None,
                 };
                 return Ok(Sender::H1 {
                     pooled,
@@ -166,6 +184,7 @@ pub(crate) async fn checkout(target: &Target<'_>) -> Result<Sender, ConnectError
         tx,
         served: 1,
         keepalive: target.keepalive,
+        body: None,
     };
     Ok(Sender::H1 {
         pooled,

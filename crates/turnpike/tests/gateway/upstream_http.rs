@@ -133,3 +133,110 @@ async fn broken_upstream_answers_are_502() {
         "the gateway lives on"
     );
 }
+
+/// A node that answers `/early` at once, without reading the request body,
+/// then only drains that connection; other paths get 200.
+async fn early_answering_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if buf.starts_with(b"POST /early") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 4\r\n\r\nnope")
+                        .await;
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                } else {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_early_answer_does_not_lend_a_busy_connection() {
+    let addr = early_answering_upstream().await;
+    // One worker, so both requests meet the same pool.
+    let (port, status) = (free_port(), free_port());
+    let text = settings(port, status).replace("workers: 2", "workers: 1")
+        + &format!("routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{addr}\": 1}}}}}}\n");
+    let gw = Gateway::start_raw(&text, port, status).await;
+    // A slow upload the node refuses before reading it.
+    let slow = futures_util::stream::unfold(0, |i| async move {
+        if i == 5 {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        Some((
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                Bytes::from_static(b"data"),
+            )),
+            i + 1,
+        ))
+    });
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(slow));
+    let c = client();
+    let r = send(
+        &c,
+        http::Request::post(gw.url("/early")).body(body).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // The next request with a body must not wait for (or land on) the
+    // connection still carrying the first one's body.
+    let started = std::time::Instant::now();
+    let r = send(
+        &c,
+        http::Request::post(gw.url("/ok")).body(full("x")).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn get_with_a_streamed_body_reaches_the_node_and_times_out_normally() {
+    let up = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        up.node()
+    ))
+    .await;
+    let chunks = futures_util::stream::iter((0..3).map(|_| {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+            Bytes::from_static(b"abc"),
+        ))
+    }));
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks));
+    let req = http::Request::get(gw.url("/upload"))
+        .header("transfer-encoding", "chunked")
+        .body(body)
+        .unwrap();
+    let r = send(&client(), req).await.unwrap();
+    assert_eq!(r.json()["bytes"], 9, "a GET's body is forwarded, chunked");
+}
