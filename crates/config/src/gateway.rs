@@ -29,6 +29,10 @@ pub struct Gateway {
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long a client may pause while sending a request body (nginx's
+    /// `client_body_timeout`); then 408 and the upstream request is dropped.
+    #[serde(default = "default_client_body", deserialize_with = "duration")]
+    pub client_body_timeout: Duration,
     /// Log level filter when RUST_LOG is not set (`info`, `debug`, …).
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -84,6 +88,9 @@ fn default_data_dir() -> String {
 }
 fn default_grace() -> Duration {
     Duration::from_secs(10)
+}
+fn default_client_body() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_log_level() -> String {
     "info".into()

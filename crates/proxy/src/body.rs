@@ -62,17 +62,33 @@ impl BodySent {
     }
 }
 
+/// The client stopped sending its request body.
+#[derive(Debug)]
+pub struct ClientBodyTimeout;
+
+impl std::fmt::Display for ClientBodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client body timed out")
+    }
+}
+
+impl std::error::Error for ClientBodyTimeout {}
+
 /// A request body that reports when it has been sent whole.
 pub struct RequestBody {
     body: Incoming,
     sent: Option<Arc<BodySent>>,
+    idle: IdleTimer,
 }
 
 impl RequestBody {
-    pub(crate) fn new(body: Incoming, sent: Arc<BodySent>) -> Self {
+    /// `idle`: how long the client may pause (`gateway.client_body_timeout`):
+    /// a stalled upload must not hold an upstream connection for ever.
+    pub(crate) fn new(body: Incoming, sent: Arc<BodySent>, idle: Duration) -> Self {
         RequestBody {
             body,
             sent: Some(sent),
+            idle: IdleTimer::new(idle),
         }
     }
 
@@ -158,6 +174,16 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Request(req) => {
                 let polled = Pin::new(&mut req.body).poll_frame(cx);
+                if polled.is_pending() {
+                    return match req.idle.poll_expired(cx) {
+                        Poll::Ready(()) => {
+                            req.done();
+                            Poll::Ready(Some(Err(ClientBodyTimeout.into())))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                req.idle.progress();
                 if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
                     || req.body.is_end_stream()
                 {

@@ -16,6 +16,8 @@ pub(crate) enum Failure {
     BadRequest,
     /// No route matches.
     NoRoute,
+    /// The client stopped sending its request body.
+    ClientTimeout,
     /// The upstream failed or answered something that is not HTTP.
     BadGateway,
     /// No node could be tried.
@@ -29,6 +31,7 @@ impl Failure {
         match self {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
+            Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Failure::BadGateway => StatusCode::BAD_GATEWAY,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -39,6 +42,7 @@ impl Failure {
         match self {
             Failure::BadRequest => "400 Bad Request",
             Failure::NoRoute => "404 Route Not Found",
+            Failure::ClientTimeout => "408 Request Time-out",
             Failure::BadGateway => "502 Bad Gateway",
             Failure::Unavailable => "503 Service Temporarily Unavailable",
             Failure::Timeout => "504 Gateway Time-out",

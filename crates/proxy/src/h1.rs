@@ -215,10 +215,16 @@ impl Conn {
         // Any byte of an answer (a 1xx included) means the request was seen:
         // a close after it is a failure, not a stale connection.
         let mut answered = false;
+        // Bytes already searched for the blank line that ends a head, so a
+        // node sending a byte at a time costs linear, not quadratic, work.
+        let mut scanned: usize = 0;
         loop {
-            if let Some(parsed) = self.parse_head(no_body, &mut answered)? {
-                return Ok(parsed);
+            if ends_head(&self.buf[scanned.saturating_sub(3)..]) {
+                if let Some(parsed) = self.parse_head(no_body, &mut answered)? {
+                    return Ok(parsed);
+                }
             }
+            scanned = self.buf.len();
             if self.buf.len() >= MAX_HEAD {
                 return Err(Error::Protocol("response head too large".into()));
             }
@@ -311,6 +317,12 @@ impl Conn {
         let (key, keepalive) = (self.key.clone(), self.keepalive);
         IDLE.with(|pool| pool.borrow_mut().put(key, self, &keepalive));
     }
+}
+
+/// Whether the bytes hold a blank line (CRLF CRLF, or a bare LF LF, which
+/// httparse accepts too).
+fn ends_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 fn stale_or_io(e: io::Error) -> Error {

@@ -39,7 +39,18 @@ pub(crate) async fn handle(
         }
     };
     match route(&snapshot, &parts, &conn, &request_id) {
-        Ok(plan) => forward(plan, &snapshot, parts, body, &conn, &request_id).await,
+        Ok(plan) => {
+            forward(
+                plan,
+                &snapshot,
+                parts,
+                body,
+                &conn,
+                &request_id,
+                shared.client_body_timeout,
+            )
+            .await
+        }
         Err(failure) => failure.respond(&request_id),
     }
 }
@@ -159,6 +170,7 @@ async fn forward(
     body: Incoming,
     conn: &ConnInfo,
     request_id: &HeaderValue,
+    client_body_timeout: Duration,
 ) -> Response<ProxyBody> {
     let route: &Route = &snapshot.routes[plan.route];
     let upstream: &Upstream = &route.upstream;
@@ -193,7 +205,11 @@ async fn forward(
     }
     let sent = has_body.then(|| Arc::new(BodySent::default()));
     let mut body = Some(match &sent {
-        Some(done) => ProxyBody::Request(crate::body::RequestBody::new(body, done.clone())),
+        Some(done) => ProxyBody::Request(crate::body::RequestBody::new(
+            body,
+            done.clone(),
+            client_body_timeout,
+        )),
         None => ProxyBody::Incoming(body),
     });
     let deadline = upstream.retry_timeout.map(|t| Instant::now() + t);
@@ -414,7 +430,9 @@ fn finish(
             "upstream connection closed".into(),
         )),
         Err(SendError::Failed(e)) => {
-            let failure = if is_timeout(&e) {
+            let failure = if client_stalled(&e) {
+                Failure::ClientTimeout
+            } else if is_timeout(&e) {
                 Failure::Timeout
             } else {
                 Failure::BadGateway
@@ -437,6 +455,17 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+fn client_stalled(e: &hyper::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.is::<crate::body::ClientBodyTimeout>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn is_timeout(e: &hyper::Error) -> bool {

@@ -24,6 +24,7 @@ mod vars;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
@@ -43,14 +44,17 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Shutdown has begun (for `/readyz`).
     pub draining: AtomicBool,
+    /// `gateway.client_body_timeout`.
+    pub client_body_timeout: Duration,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Shared> {
+    pub fn new(snapshot: Snapshot, client_body_timeout: Duration) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            client_body_timeout,
         })
     }
 }

@@ -11,6 +11,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::body::ProxyBody;
 use crate::error::Failure;
@@ -56,13 +57,50 @@ pub(crate) async fn forward(
     tokio::spawn(async move {
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
-                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!("upgraded connection ended: {e}");
-                }
+                splice(TokioIo::new(client), TokioIo::new(upstream), read_timeout).await
             }
             Err(e) => tracing::debug!("upgrade did not complete: {e}"),
         }
     });
     Ok((resp, None))
+}
+
+/// Copies bytes both ways until the node closes, or sends nothing for
+/// `idle` (its read timeout, as nginx applies `proxy_read_timeout` to
+/// WebSockets). When the client closes first, the node is told (FIN) and
+/// its last bytes still reach the client.
+async fn splice<C, U>(client: C, upstream: U, idle: Duration)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut node_rd, mut node_wr) = tokio::io::split(upstream);
+    let up = async {
+        let _ = tokio::io::copy(&mut client_rd, &mut node_wr).await;
+        let _ = node_wr.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout(idle, node_rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => break,
+                Err(_) => {
+                    tracing::debug!("upgraded connection idle for {idle:?}: closed");
+                    break;
+                }
+            }
+        }
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        _ = &mut down => {}
+        _ = &mut up => down.await,
+    }
 }

@@ -182,7 +182,7 @@ fn init_logging(level: &str) {
 
 async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Result<()> {
     let routes = snapshot.routes.len();
-    let shared = Shared::new(snapshot);
+    let shared = Shared::new(snapshot, gateway.client_body_timeout);
     let server = Server::start(
         &gateway.listen,
         gateway.workers,
@@ -288,6 +288,7 @@ fn settings_changed(a: &Gateway, b: &Gateway) -> bool {
         || a.status.listen != b.status.listen
         || a.workers != b.workers
         || a.shutdown_timeout != b.shutdown_timeout
+        || a.client_body_timeout != b.client_body_timeout
         || a.log_level != b.log_level
         || a.admin.as_ref().map(|x| (&x.listen, &x.key))
             != b.admin.as_ref().map(|x| (&x.listen, &x.key))

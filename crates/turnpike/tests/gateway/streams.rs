@@ -87,3 +87,62 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
     let peak = gw.peak_rss_kib();
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
 }
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_after_the_read_timeout() {
+    let up = Upstream::start("ws").await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: ws, uri: /ws, enable_websocket: true, timeout: {{read: 0.3}}, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        up.node()
+    ))
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gw.port))
+        .await
+        .unwrap();
+    ws.send(Message::text("still here")).await.unwrap();
+    assert!(
+        ws.next().await.unwrap().is_ok(),
+        "an active socket is served"
+    );
+    // Nothing from the node for longer than the read timeout: closed.
+    let next = tokio::time::timeout(std::time::Duration::from_secs(3), ws.next())
+        .await
+        .expect("closed within 3 s");
+    assert!(!matches!(next, Some(Ok(Message::Text(_)))), "{next:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_upload_gets_408() {
+    let up = Upstream::start("u").await;
+    let (port, status) = (free_port(), free_port());
+    let text = settings(port, status)
+        + "  client_body_timeout: 0.3\n"
+        + &format!(
+            "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+            up.node()
+        );
+    let gw = Gateway::start_raw(&text, port, status).await;
+    let stalled = futures_util::stream::unfold(0, |i| async move {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            return None;
+        }
+        Some((
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                Bytes::from_static(b"part"),
+            )),
+            1,
+        ))
+    });
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(stalled));
+    let started = std::time::Instant::now();
+    let r = send(
+        &client(),
+        Request::post(gw.url("/upload")).body(body).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 408, "{}", r.body);
+    assert_eq!(r.json()["error_msg"], "408 Request Time-out");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
