@@ -277,3 +277,50 @@ async fn connect_timeout_is_504() {
     assert!(gw.log_text().contains("connect timed out"));
     drop(socket);
 }
+
+#[tokio::test]
+async fn retry_timeout_bounds_the_attempts() {
+    // Three nodes whose connects hang (full accept queues): each attempt
+    // costs the 0.3 s connect timeout; retry_timeout 0.5 s allows two.
+    let mut sockets = Vec::new();
+    let mut fillers = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        // SAFETY: listen(2) on a socket we own, to shrink its backlog.
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 0) };
+        for _ in 0..4 {
+            if let Ok(Ok(s)) = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                fillers.push(s);
+            }
+        }
+        nodes.push(format!("\"{addr}\": 1"));
+        sockets.push(socket);
+    }
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{retry_timeout: 0.5, timeout: {{connect: 0.3}}, nodes: {{{}}}}}}}\n",
+        nodes.join(", ")
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let r = get(&gw.url("/")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        took >= std::time::Duration::from_millis(550)
+            && took < std::time::Duration::from_millis(900),
+        "{took:?}"
+    );
+    assert_eq!(
+        gw.log_text().matches("connect timed out").count(),
+        2,
+        "{}",
+        gw.log_text()
+    );
+}
