@@ -13,7 +13,6 @@ use crate::gateway::seconds;
 use crate::model::{self, Id, Plugins};
 use crate::snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream,
-    UpstreamParts,
 };
 use crate::ConfigError;
 
@@ -541,10 +540,11 @@ impl Compiler<'_> {
         if self.errors.len() > errors_before {
             return None;
         }
-        let parts = UpstreamParts {
+        let mut nodes = nodes;
+        let up = Arc::new(Upstream {
             key: key.clone(),
-            kind: kind?,
-            nodes,
+            groups: Upstream::groups(kind?, &mut nodes),
+            nodes: nodes.into(),
             hash_on,
             retries: u.retries,
             retry_timeout,
@@ -553,8 +553,8 @@ impl Compiler<'_> {
             scheme,
             tls_verify,
             keepalive,
-        };
-        let up = Arc::new(Upstream::new(u.clone(), parts));
+            source: u.clone(),
+        });
         self.upstreams.insert(key, up.clone());
         Some(up)
     }

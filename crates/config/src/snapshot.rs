@@ -54,7 +54,7 @@ pub struct Route {
 pub struct Upstream {
     pub key: Arc<str>,
     pub nodes: Box<[Node]>,
-    groups: Box<[Group]>,
+    pub(crate) groups: Box<[Group]>,
     /// What `chash` hashes on; `None` for other balancers.
     pub hash_on: Option<HashOn>,
     /// Attempts after the first; `None` means "as many as there are other nodes".
@@ -72,18 +72,19 @@ pub struct Upstream {
 /// Nodes of one `priority`, balanced together. Lower priorities are used
 /// only when every node above them has been tried.
 #[derive(Debug)]
-struct Group {
+pub(crate) struct Group {
     members: Box<[usize]>,
     balancer: Balancer,
 }
 
 impl Upstream {
-    pub(crate) fn new(source: model::Upstream, parts: UpstreamParts) -> Upstream {
-        let mut priorities: Vec<i32> = parts.nodes.iter().map(|n| n.priority).collect();
+    /// Splits nodes into priority groups (highest first), each with its own
+    /// balancer, and tells each node where it sits.
+    pub(crate) fn groups(kind: turnpike_upstream::Kind, nodes: &mut [Node]) -> Box<[Group]> {
+        let mut priorities: Vec<i32> = nodes.iter().map(|n| n.priority).collect();
         priorities.sort_unstable_by(|a, b| b.cmp(a));
         priorities.dedup();
-        let mut nodes = parts.nodes;
-        let groups = priorities
+        priorities
             .iter()
             .enumerate()
             .map(|(g, &p)| {
@@ -99,25 +100,11 @@ impl Upstream {
                     .map(|&i| (&*nodes[i].addr, nodes[i].weight))
                     .collect();
                 Group {
-                    balancer: Balancer::new(parts.kind, &weighted),
+                    balancer: Balancer::new(kind, &weighted),
                     members: members.into(),
                 }
             })
-            .collect();
-        Upstream {
-            key: parts.key,
-            nodes: nodes.into(),
-            groups,
-            hash_on: parts.hash_on,
-            retries: parts.retries,
-            retry_timeout: parts.retry_timeout,
-            timeouts: parts.timeouts,
-            pass_host: parts.pass_host,
-            scheme: parts.scheme,
-            tls_verify: parts.tls_verify,
-            keepalive: parts.keepalive,
-            source,
-        }
+            .collect()
     }
 
     /// The node to try next, skipping those already `tried`.
@@ -155,20 +142,6 @@ impl Upstream {
         let others = self.nodes.len().saturating_sub(1);
         1 + self.retries.map_or(others, |r| r as usize)
     }
-}
-
-pub(crate) struct UpstreamParts {
-    pub key: Arc<str>,
-    pub kind: turnpike_upstream::Kind,
-    pub nodes: Vec<Node>,
-    pub hash_on: Option<HashOn>,
-    pub retries: Option<u32>,
-    pub retry_timeout: Option<Duration>,
-    pub timeouts: Timeouts,
-    pub pass_host: PassHost,
-    pub scheme: Scheme,
-    pub tls_verify: bool,
-    pub keepalive: Keepalive,
 }
 
 #[derive(Debug, Clone)]

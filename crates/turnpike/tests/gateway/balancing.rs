@@ -249,23 +249,8 @@ async fn send_timeout_when_the_upstream_stops_reading() {
 
 #[tokio::test]
 async fn connect_timeout_is_504() {
-    // A listener that never accepts, with its accept queue filled: the
-    // kernel drops further SYNs, so a connect hangs until it times out.
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = socket.local_addr().unwrap();
-    // SAFETY: listen(2) on a socket we own, to shrink its backlog to the minimum.
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 0) };
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            fillers.push(s);
-        }
-    }
+    let node = hanging_node().await;
+    let addr = node.addr;
     let gw = Gateway::start(&format!(
         "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{retries: 0, timeout: {{connect: 0.3}}, nodes: {{\"{addr}\": 1}}}}}}\n"
     ))
@@ -275,34 +260,21 @@ async fn connect_timeout_is_504() {
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     assert!(gw.log_text().contains("connect timed out"));
-    drop(socket);
 }
 
 #[tokio::test]
 async fn retry_timeout_bounds_the_attempts() {
-    // Three nodes whose connects hang (full accept queues): each attempt
-    // costs the 0.3 s connect timeout; retry_timeout 0.5 s allows two.
-    let mut sockets = Vec::new();
-    let mut fillers = Vec::new();
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = socket.local_addr().unwrap();
-        // SAFETY: listen(2) on a socket we own, to shrink its backlog.
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 0) };
-        for _ in 0..4 {
-            if let Ok(Ok(s)) = tokio::time::timeout(
-                std::time::Duration::from_millis(200),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
-                fillers.push(s);
-            }
-        }
-        nodes.push(format!("\"{addr}\": 1"));
-        sockets.push(socket);
-    }
+    // Three nodes whose connects hang: each attempt costs the 0.3 s connect
+    // timeout; retry_timeout 0.5 s allows two.
+    let hanging = [
+        hanging_node().await,
+        hanging_node().await,
+        hanging_node().await,
+    ];
+    let nodes: Vec<String> = hanging
+        .iter()
+        .map(|n| format!("\"{}\": 1", n.addr))
+        .collect();
     let gw = Gateway::start(&format!(
         "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{retry_timeout: 0.5, timeout: {{connect: 0.3}}, nodes: {{{}}}}}}}\n",
         nodes.join(", ")

@@ -396,6 +396,38 @@ impl Drop for TempDir {
     }
 }
 
+/// A node whose connects hang: a listener that never accepts, with its
+/// accept queue filled, so the kernel drops further SYNs. Keep the returned
+/// value alive for as long as the node should hang.
+pub struct HangingNode {
+    pub addr: SocketAddr,
+    _socket: StdListener,
+    _fillers: Vec<tokio::net::TcpStream>,
+}
+
+pub async fn hanging_node() -> HangingNode {
+    let socket = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&socket), 0) };
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        if let Ok(Ok(s)) = attempt {
+            fillers.push(s);
+        }
+    }
+    HangingNode {
+        addr,
+        _socket: socket,
+        _fillers: fillers,
+    }
+}
+
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
