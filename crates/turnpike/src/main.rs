@@ -159,7 +159,11 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(serve(path, file.gateway, snapshot)) {
+    let served = rt.block_on(serve(path, file.gateway, snapshot));
+    // After a second signal the drain may still be running on a blocking
+    // thread: do not wait for it, as dropping the runtime would.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -164,6 +164,31 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert!(gw.log_text().contains("draining"));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_without_waiting() {
+    let up = Upstream::start("slow").await;
+    let mut gw = Gateway::start(&format!(
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        up.node()
+    ))
+    .await;
+    let url = gw.url("/slow?ms=4000");
+    let _in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    gw.signal(libc::SIGTERM);
+    gw.wait_log("draining", 1).await;
+    gw.signal(libc::SIGINT);
+    let code = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(3)));
+    assert_eq!(code, Some(0), "{}", gw.log_text());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        t0.elapsed()
+    );
+    assert!(gw.log_text().contains("second signal"));
+}
+
 /// An APISIX `apisix.yaml` has no `gateway:` key and so uses the default
 /// ports (9080, status 9090); run only when they are free.
 #[tokio::test(flavor = "multi_thread")]
