@@ -155,11 +155,7 @@ routes:
 #[tokio::test]
 async fn upstream_statuses_pass_through() {
     let up = Upstream::start("s").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
     for code in [201, 404, 500, 503] {
         let r = get(&gw.url(&format!("/status/{code}"))).await.unwrap();
         assert_eq!(r.status, code);

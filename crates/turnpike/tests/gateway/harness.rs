@@ -234,6 +234,11 @@ pub fn settings(port: u16, status_port: u16) -> String {
     )
 }
 
+/// Resources for one route, `/*`, to `node`.
+pub fn one_route(node: &str) -> String {
+    format!("routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{node}\": 1}}}}}}\n")
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_turnpike")
 }
@@ -249,6 +254,11 @@ impl Gateway {
             status_port,
         )
         .await
+    }
+
+    /// A gateway with one route, `/*`, to `node`.
+    pub async fn proxying(node: &str) -> Gateway {
+        Gateway::start(&one_route(node)).await
     }
 
     pub async fn start_raw(text: &str, port: u16, status_port: u16) -> Gateway {

@@ -109,11 +109,7 @@ async fn status_listener_answers_health_and_readiness() {
 #[tokio::test]
 async fn malformed_http_gets_400_and_the_gateway_lives_on() {
     let up = Upstream::start("u").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
     for garbage in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n",
@@ -137,11 +133,7 @@ async fn malformed_http_gets_400_and_the_gateway_lives_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let up = Upstream::start("slow").await;
-    let mut gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let mut gw = Gateway::proxying(&up.node()).await;
     let url = gw.url("/slow?ms=1000");
     let in_flight = tokio::spawn(async move { get(&url).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -167,11 +159,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_signal_exits_without_waiting() {
     let up = Upstream::start("slow").await;
-    let mut gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let mut gw = Gateway::proxying(&up.node()).await;
     let url = gw.url("/slow?ms=4000");
     let _in_flight = tokio::spawn(async move { get(&url).await });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -8,11 +8,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn forwarded_headers_request_id_and_hop_by_hop() {
     let up = Upstream::start("echo").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
 
     let r = get_with(
         &gw.url("/hello?a=1&b=two"),
@@ -109,11 +105,7 @@ routes:
 #[tokio::test]
 async fn h2c_clients_are_served_and_chunked_bodies_stream() {
     let up = Upstream::start("echo").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
 
     let r = send(
         &h2c_client(),

@@ -45,11 +45,7 @@ const BIG: u64 = 1024 * 1024 * 1024;
 #[tokio::test]
 async fn large_bodies_stream_both_ways_with_bounded_memory() {
     let up = Upstream::start("big").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
 
     // Download: read as it arrives, counting bytes.
     let resp = client()
@@ -115,12 +111,7 @@ async fn an_idle_websocket_is_closed_after_the_read_timeout() {
 async fn a_stalled_upload_gets_408() {
     let up = Upstream::start("u").await;
     let (port, status) = (free_port(), free_port());
-    let text = settings(port, status)
-        + "  client_body_timeout: 0.3\n"
-        + &format!(
-            "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-            up.node()
-        );
+    let text = settings(port, status) + "  client_body_timeout: 0.3\n" + &one_route(&up.node());
     let gw = Gateway::start_raw(&text, port, status).await;
     let stalled = futures_util::stream::unfold(0, |i| async move {
         if i > 0 {

@@ -59,10 +59,7 @@ async fn raw_upstream() -> (String, Arc<AtomicUsize>) {
 }
 
 async fn gateway(addr: &str) -> Gateway {
-    Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{addr}\": 1}}}}}}\n"
-    ))
-    .await
+    Gateway::proxying(addr).await
 }
 
 #[tokio::test]
@@ -177,8 +174,7 @@ async fn an_early_answer_does_not_lend_a_busy_connection() {
     let addr = early_answering_upstream().await;
     // One worker, so both requests meet the same pool.
     let (port, status) = (free_port(), free_port());
-    let text = settings(port, status).replace("workers: 2", "workers: 1")
-        + &format!("routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{addr}\": 1}}}}}}\n");
+    let text = settings(port, status).replace("workers: 2", "workers: 1") + &one_route(&addr);
     let gw = Gateway::start_raw(&text, port, status).await;
     // A slow upload the node refuses before reading it.
     let slow = futures_util::stream::unfold(0, |i| async move {
@@ -222,11 +218,7 @@ async fn an_early_answer_does_not_lend_a_busy_connection() {
 #[tokio::test]
 async fn get_with_a_streamed_body_reaches_the_node_and_times_out_normally() {
     let up = Upstream::start("u").await;
-    let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
-    ))
-    .await;
+    let gw = Gateway::proxying(&up.node()).await;
     let chunks = futures_util::stream::iter((0..3).map(|_| {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
             Bytes::from_static(b"abc"),
