@@ -181,28 +181,8 @@ async fn forward(
     } else {
         None
     };
-    let wants_trailers = parts
-        .headers
-        .get(TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    set_forwarded(&mut parts.headers, conn, plan.host.clone());
-    if upstream.scheme.is_h2() && wants_trailers {
-        parts
-            .headers
-            .insert(TE, HeaderValue::from_static("trailers"));
-    }
     let has_body = !hyper::body::Body::is_end_stream(&body);
-    if has_body && !upstream.scheme.is_h2() && !parts.headers.contains_key(CONTENT_LENGTH) {
-        // A streamed body goes up chunked, whatever the method: left to
-        // itself hyper would drop a GET's or HEAD's body without a length.
-        parts
-            .headers
-            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-    }
-    if parts.version == Version::HTTP_2 && !upstream.scheme.is_h2() {
-        join_cookies(&mut parts.headers);
-    }
+    upstream_headers(&mut parts, &plan, conn, upstream, upgrade, has_body);
     let sent = has_body.then(|| Arc::new(BodySent::default()));
     let mut body = Some(match &sent {
         Some(done) => ProxyBody::Request(crate::body::RequestBody::new(
@@ -231,27 +211,15 @@ async fn forward(
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
         let read = route.timeouts.read;
-        let result = if client_upgrade.is_some() {
-            Box::pin(crate::upgrade::forward(
-                &target,
-                req,
-                &mut client_upgrade,
-                read,
-            ))
-            .await
-            .map(|(resp, pooled)| respond(resp, pooled, read, tracked.take()))
-        } else if sent.is_none() && upstream.scheme == Scheme::Http {
-            send_inline(&target, req, read, &mut tracked).await
-        } else {
-            send(&target, req, read, sent.as_ref())
-                .await
-                .map(|(resp, mut pooled)| {
-                    if let Some(p) = pooled.as_mut() {
-                        p.watch_body(sent.clone());
-                    }
-                    respond(resp, pooled, read, tracked.take())
-                })
-        };
+        let result = exchange(
+            &target,
+            req,
+            read,
+            &mut client_upgrade,
+            sent.as_ref(),
+            &mut tracked,
+        )
+        .await;
         match result {
             Ok(resp) => return resp,
             Err(Attempt::Connect(e, req)) => {
@@ -347,6 +315,66 @@ fn build_request(
         }
     }
     req
+}
+
+/// One attempt on one node, by the client that fits the request: the
+/// WebSocket path for upgrades, the own HTTP/1.1 client for body-less
+/// requests to `http` nodes, hyper's clients for the rest.
+async fn exchange(
+    target: &Target<'_>,
+    req: Request<ProxyBody>,
+    read: Duration,
+    client_upgrade: &mut Option<OnUpgrade>,
+    sent: Option<&Arc<BodySent>>,
+    tracked: &mut Option<LoadGuard>,
+) -> Result<Response<ProxyBody>, Attempt> {
+    if client_upgrade.is_some() {
+        let (resp, pooled) =
+            Box::pin(crate::upgrade::forward(target, req, client_upgrade, read)).await?;
+        return Ok(respond(resp, pooled, read, tracked.take()));
+    }
+    if sent.is_none() && target.scheme == Scheme::Http {
+        return send_inline(target, req, read, tracked).await;
+    }
+    let (resp, mut pooled) = send(target, req, read, sent).await?;
+    if let Some(p) = pooled.as_mut() {
+        p.watch_body(sent.cloned());
+    }
+    Ok(respond(resp, pooled, read, tracked.take()))
+}
+
+/// The client's headers made ready for the upstream: hop-by-hop headers out,
+/// `X-Forwarded-*` in, and the framing and cookies the upstream's protocol
+/// needs.
+fn upstream_headers(
+    parts: &mut Parts,
+    plan: &Plan,
+    conn: &ConnInfo,
+    upstream: &Upstream,
+    upgrade: bool,
+    has_body: bool,
+) {
+    let headers = &mut parts.headers;
+    let wants_trailers = headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(headers, upgrade);
+    set_forwarded(headers, conn, plan.host.clone());
+    if upstream.scheme.is_h2() {
+        // gRPC needs `te: trailers` end to end.
+        if wants_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+        return;
+    }
+    if has_body && !headers.contains_key(CONTENT_LENGTH) {
+        // A streamed body goes up chunked, whatever the method: left to
+        // itself hyper would drop a GET's or HEAD's body without a length.
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
 }
 
 /// HTTP/2 clients may split `cookie` into several fields; an HTTP/1.1

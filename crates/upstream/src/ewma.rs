@@ -126,7 +126,9 @@ mod tests {
         // With two choices, the slow node wins only when drawn against itself,
         // which it never is: it is picked only when it is the only candidate.
         assert!(counts[0] < 300, "{counts:?}");
-        assert!(counts[1] > 1000 && counts[2] > 1000, "{counts:?}");
+        // The two fast nodes share the rest. Their scores differ only by how
+        // long ago each was sampled, which decides their head-to-head draws.
+        assert!(counts[1] > 500 && counts[2] > 500, "{counts:?}");
     }
 
     #[test]
