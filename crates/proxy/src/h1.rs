@@ -319,10 +319,14 @@ impl Conn {
     }
 }
 
-/// Whether the bytes hold a blank line (CRLF CRLF, or a bare LF LF, which
-/// httparse accepts too).
+/// Whether the bytes hold a blank line (LF, an optional CR, LF: httparse
+/// accepts bare LFs too). Stops at the first one, so a buffer that already
+/// holds the body is not scanned to its end.
 fn ends_head(bytes: &[u8]) -> bool {
-    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n")
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'\n'
+            && (bytes.get(i + 1) == Some(&b'\n') || bytes.get(i + 1..i + 3) == Some(&b"\r\n"[..]))
+    })
 }
 
 fn stale_or_io(e: io::Error) -> Error {
@@ -646,6 +650,14 @@ mod tests {
             out.extend_from_slice(&b);
         }
         (out, kind, buf.len())
+    }
+
+    #[test]
+    fn head_ends_at_the_first_blank_line() {
+        assert!(ends_head(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"));
+        assert!(ends_head(b"HTTP/1.1 200 OK\nA: b\n\nbody"));
+        assert!(!ends_head(b"HTTP/1.1 200 OK\r\nA: b\r\n"));
+        assert!(!ends_head(b"HTTP/1.1 200 OK\r\nA: b\r\n\r"));
     }
 
     #[test]
