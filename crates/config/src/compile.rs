@@ -1,7 +1,7 @@
 //! Resources → [`Snapshot`]: resolve references, validate what serde cannot,
 //! build the router, and carry over upstreams a reload did not change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,15 +86,11 @@ impl Compiler<'_> {
 
     fn upstreams(&mut self, res: &Resources) -> HashMap<Id, Arc<Upstream>> {
         let mut by_id = HashMap::new();
+        let mut seen = HashSet::new();
         for (i, u) in res.upstreams.iter().enumerate() {
-            let Some(id) = self.required_id(&u.id, "upstream", i) else {
+            let Some((id, label)) = self.unique_id(&u.id, "upstream", i, &mut seen) else {
                 continue;
             };
-            let label = format!("upstream {id}");
-            if by_id.contains_key(&id) {
-                self.err(&label, "id", "duplicate id");
-                continue;
-            }
             if let Some(up) = self.upstream(u, format!("upstreams/{id}"), &label, "") {
                 by_id.insert(id, up);
             }
@@ -108,15 +104,11 @@ impl Compiler<'_> {
         upstreams: &HashMap<Id, Arc<Upstream>>,
     ) -> HashMap<Id, ServiceRef> {
         let mut by_id = HashMap::new();
+        let mut seen = HashSet::new();
         for (i, s) in res.services.iter().enumerate() {
-            let Some(id) = self.required_id(&s.id, "service", i) else {
+            let Some((id, label)) = self.unique_id(&s.id, "service", i, &mut seen) else {
                 continue;
             };
-            let label = format!("service {id}");
-            if by_id.contains_key(&id) {
-                self.err(&label, "id", "duplicate id");
-                continue;
-            }
             self.no_plugins(&label, &s.plugins);
             let upstream = match (&s.upstream, &s.upstream_id) {
                 (inline, Some(uid)) => {
@@ -141,11 +133,11 @@ impl Compiler<'_> {
 
     fn plugin_configs(&mut self, res: &Resources) -> Vec<Id> {
         let mut ids = Vec::new();
+        let mut seen = HashSet::new();
         for (i, pc) in res.plugin_configs.iter().enumerate() {
-            let Some(id) = self.required_id(&pc.id, "plugin config", i) else {
+            let Some((id, label)) = self.unique_id(&pc.id, "plugin config", i, &mut seen) else {
                 continue;
             };
-            let label = format!("plugin config {id}");
             let plugins = self.plugin_map(&label, pc.rest.get("plugins"));
             self.no_plugins(&label, &plugins);
             ids.push(id);
@@ -160,7 +152,7 @@ impl Compiler<'_> {
         services: &HashMap<Id, ServiceRef>,
         plugin_configs: &[Id],
     ) -> (Vec<Route>, Vec<RouteSpec>) {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut routes = Vec::new();
         let mut specs = Vec::new();
         for (i, r) in res.routes.iter().enumerate() {
@@ -315,15 +307,30 @@ impl Compiler<'_> {
         found
     }
 
-    fn required_id(&mut self, id: &Option<Id>, kind: &str, index: usize) -> Option<Id> {
-        if id.is_none() {
+    /// The id of a resource others refer to, and its label (`upstream u1`):
+    /// refused when missing or already used, whether or not the first one
+    /// with that id compiled.
+    fn unique_id(
+        &mut self,
+        id: &Option<Id>,
+        kind: &str,
+        index: usize,
+        seen: &mut HashSet<Id>,
+    ) -> Option<(Id, String)> {
+        let Some(id) = id.clone() else {
             self.err(
                 &format!("{kind} #{}", index + 1),
                 "id",
                 "missing: this resource is referred to by id",
             );
+            return None;
+        };
+        let label = format!("{kind} {id}");
+        if !seen.insert(id.clone()) {
+            self.err(&label, "id", "duplicate id");
+            return None;
         }
-        id.clone()
+        Some((id, label))
     }
 
     fn check_unrouted(&mut self) {

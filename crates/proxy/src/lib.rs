@@ -40,8 +40,6 @@ pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-
 pub struct Shared {
     /// The configuration being served; replaced whole on each change.
     pub snapshot: ArcSwap<Snapshot>,
-    /// A configuration has been loaded (for `/readyz`).
-    pub ready: AtomicBool,
     /// Shutdown has begun (for `/readyz`).
     pub draining: AtomicBool,
     /// `gateway.client_body_timeout`.
@@ -52,7 +50,6 @@ impl Shared {
     pub fn new(snapshot: Snapshot, client_body_timeout: Duration) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             client_body_timeout,
         })

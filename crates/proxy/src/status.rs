@@ -59,22 +59,17 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}".into()),
         "/readyz" => {
-            let ready =
-                shared.ready.load(Ordering::Acquire) && !shared.draining.load(Ordering::Acquire);
-            if ready {
+            // A Shared always holds a loaded snapshot (the process does not
+            // start without one), so only a drain makes the gateway unready.
+            if shared.draining.load(Ordering::Acquire) {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "{\"status\":\"not ready\",\"reason\":\"draining\"}".into(),
+                )
+            } else {
                 json(
                     StatusCode::OK,
                     format!("{{\"status\":\"ready\",\"revision\":{revision}}}"),
-                )
-            } else {
-                let why = if shared.draining.load(Ordering::Acquire) {
-                    "draining"
-                } else {
-                    "no configuration loaded"
-                };
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{{\"status\":\"not ready\",\"reason\":\"{why}\"}}"),
                 )
             }
         }

@@ -346,3 +346,25 @@ routes:
         ]
     );
 }
+
+#[test]
+fn duplicate_ids_are_caught_even_when_the_first_is_broken() {
+    let errs = errors(
+        r#"
+upstreams:
+  - {id: u1, type: bogus, nodes: {"127.0.0.1:1": 1}}
+  - {id: u1, nodes: {"127.0.0.1:2": 1}}
+plugin_configs:
+  - {id: pc}
+  - {id: pc}
+"#,
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "upstream u1: type: must be one of roundrobin, chash, least_conn, ewma",
+            "upstream u1: id: duplicate id",
+            "plugin config pc: id: duplicate id",
+        ]
+    );
+}
