@@ -1,0 +1,297 @@
+//! The plugins this build knows, and how a resource's `plugins` map becomes
+//! checked, typed, ready-to-run entries.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use turnpike_router::Expr;
+
+use crate::schema::{fill_defaults, pointer_to_path};
+use crate::{Consumer, Entry, Plugin};
+
+/// A plugin's lookup from credentials to consumers (the keys of every
+/// consumer's `key-auth`, say), built once per snapshot.
+pub type Index = Arc<dyn Any + Send + Sync>;
+
+/// What a plugin is: its identity, its config's schema, and how to build it.
+pub struct Factory {
+    pub name: &'static str,
+    /// Higher runs first within a phase.
+    pub priority: i32,
+    /// The JSON Schema of the config on a route, service, plugin config,
+    /// global rule or (for non-credential plugins) consumer.
+    pub schema: fn() -> Value,
+    /// For authentication plugins: the schema of a consumer's credential.
+    pub consumer_schema: Option<fn() -> Value>,
+    /// Builds an instance from a config that passed the schema, with its
+    /// defaults filled in.
+    pub build: fn(Value, &Env) -> Result<Arc<dyn Plugin>, FieldError>,
+    /// For authentication plugins: builds the lookup from every consumer's
+    /// credential (already checked against `consumer_schema`). An error
+    /// names the offending entry by its position in the list.
+    pub credentials: Option<fn(&[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)>>,
+}
+
+/// A problem in one plugin's config, at a field path inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// `header`, `headers.set`, `regex_uri[1]`; empty for the whole config.
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Deserialises a checked config into the plugin's typed struct.
+pub fn typed<T: DeserializeOwned>(config: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(config).map_err(|e| {
+        let path = e.path().to_string();
+        FieldError::new(
+            if path == "." { String::new() } else { path },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+/// What building a plugin may need from the rest of the snapshot.
+#[derive(Default)]
+pub struct Env {
+    indexes: HashMap<&'static str, Index>,
+}
+
+impl Env {
+    /// The credential lookup of authentication plugin `name`.
+    pub fn index<T: Any + Send + Sync>(&self, name: &str) -> Result<Arc<T>, FieldError> {
+        self.indexes
+            .get(name)
+            .cloned()
+            .and_then(|i| i.downcast::<T>().ok())
+            .ok_or_else(|| FieldError::new("", format!("no consumer index for `{name}`")))
+    }
+}
+
+struct Known {
+    factory: Factory,
+    schema: Value,
+    validator: jsonschema::Validator,
+    consumer: Option<(Value, jsonschema::Validator)>,
+}
+
+/// Every plugin this build ships, by name.
+pub struct Registry {
+    plugins: Vec<Known>,
+    by_name: HashMap<&'static str, usize>,
+}
+
+impl Registry {
+    /// Compiles every schema. A built-in schema that does not compile is a
+    /// bug caught by the registry's own test, so this panics.
+    pub fn new(factories: Vec<Factory>) -> Registry {
+        let mut plugins = Vec::new();
+        let mut by_name = HashMap::new();
+        for factory in factories {
+            let schema = (factory.schema)();
+            let validator = compile(factory.name, &schema);
+            let consumer = factory.consumer_schema.map(|f| {
+                let s = f();
+                let v = compile(factory.name, &s);
+                (s, v)
+            });
+            let previous = by_name.insert(factory.name, plugins.len());
+            assert!(
+                previous.is_none(),
+                "plugin {} registered twice",
+                factory.name
+            );
+            plugins.push(Known {
+                factory,
+                schema,
+                validator,
+                consumer,
+            });
+        }
+        Registry { plugins, by_name }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Factory> {
+        self.by_name.get(name).map(|&i| &self.plugins[i].factory)
+    }
+
+    /// Every plugin, in registration order.
+    pub fn factories(&self) -> impl Iterator<Item = &Factory> {
+        self.plugins.iter().map(|k| &k.factory)
+    }
+
+    /// A plugin's config schema, as the Admin API serves it.
+    pub fn schema(&self, name: &str) -> Option<&Value> {
+        self.by_name.get(name).map(|&i| &self.plugins[i].schema)
+    }
+
+    /// A plugin's consumer (credential) schema, if it has one.
+    pub fn consumer_schema(&self, name: &str) -> Option<&Value> {
+        let i = *self.by_name.get(name)?;
+        self.plugins[i].consumer.as_ref().map(|(s, _)| s)
+    }
+
+    /// Whether `name` holds credentials when set on a consumer.
+    pub fn is_credential(&self, name: &str) -> bool {
+        self.consumer_schema(name).is_some()
+    }
+
+    /// Checks a consumer's credential for plugin `name` and fills its defaults.
+    pub fn check_credential(&self, name: &str, config: &Value) -> Result<Value, Vec<FieldError>> {
+        let known = self.known(name)?;
+        let Some((schema, validator)) = &known.consumer else {
+            return Err(vec![FieldError::new(
+                "",
+                format!("plugin `{name}` holds no credentials"),
+            )]);
+        };
+        check(schema, validator, config.clone())
+    }
+
+    /// Checks and builds one plugin's config from a `plugins` map: `_meta`
+    /// read, the rest checked against the schema, defaults filled, the
+    /// typed instance built.
+    pub fn entry(&self, name: &str, config: &Value, env: &Env) -> Result<Entry, Vec<FieldError>> {
+        let known = self.known(name)?;
+        let mut config = config.clone();
+        let meta = match config.as_object_mut() {
+            Some(map) => map.remove("_meta"),
+            None => None,
+        };
+        let meta = Meta::parse(meta.as_ref()).map_err(|e| vec![e])?;
+        let config = check(&known.schema, &known.validator, config)?;
+        let plugin = (known.factory.build)(config, env).map_err(|e| vec![e])?;
+        Ok(Entry {
+            name: known.factory.name,
+            priority: meta.priority.unwrap_or(known.factory.priority),
+            plugin,
+            filter: meta.filter.map(Arc::new),
+            disabled: meta.disable,
+        })
+    }
+
+    /// Builds every authentication plugin's credential lookup from the
+    /// consumers' credentials: `(plugin, [(consumer, checked credential)])`.
+    pub fn indexes(
+        &self,
+        mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
+    ) -> Result<Env, Vec<(Arc<Consumer>, &'static str, FieldError)>> {
+        let mut env = Env::default();
+        let mut errors = Vec::new();
+        for known in &self.plugins {
+            let Some(build) = known.factory.credentials else {
+                continue;
+            };
+            let list = credentials.remove(known.factory.name).unwrap_or_default();
+            match build(&list) {
+                Ok(index) => {
+                    env.indexes.insert(known.factory.name, index);
+                }
+                Err((i, e)) => errors.push((list[i].0.clone(), known.factory.name, e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(env)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn known(&self, name: &str) -> Result<&Known, Vec<FieldError>> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.plugins[i])
+            .ok_or_else(|| vec![FieldError::new("", format!("unknown plugin `{name}`"))])
+    }
+}
+
+fn compile(name: &str, schema: &Value) -> jsonschema::Validator {
+    // Built-in schemas are constants; `registry_builds` in turnpike-plugins
+    // compiles every one of them.
+    jsonschema::validator_for(schema)
+        .unwrap_or_else(|e| panic!("schema of plugin {name} does not compile: {e}"))
+}
+
+fn check(
+    schema: &Value,
+    validator: &jsonschema::Validator,
+    mut config: Value,
+) -> Result<Value, Vec<FieldError>> {
+    if config.is_null() {
+        config = Value::Object(Default::default());
+    }
+    let errors: Vec<FieldError> = validator
+        .iter_errors(&config)
+        .map(|e| FieldError::new(pointer_to_path(&e.instance_path.to_string()), e.to_string()))
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    fill_defaults(schema, &mut config);
+    Ok(config)
+}
+
+/// `_meta`: settings every plugin accepts.
+#[derive(Default)]
+struct Meta {
+    disable: bool,
+    priority: Option<i32>,
+    filter: Option<Expr>,
+}
+
+impl Meta {
+    fn parse(meta: Option<&Value>) -> Result<Meta, FieldError> {
+        let mut out = Meta::default();
+        let Some(meta) = meta else {
+            return Ok(out);
+        };
+        let Some(map) = meta.as_object() else {
+            return Err(FieldError::new("_meta", "must be an object"));
+        };
+        for (key, v) in map {
+            let path = format!("_meta.{key}");
+            match key.as_str() {
+                "disable" => {
+                    out.disable = v
+                        .as_bool()
+                        .ok_or_else(|| FieldError::new(&path, "must be a boolean"))?
+                }
+                "priority" => {
+                    let p = v
+                        .as_i64()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .ok_or_else(|| FieldError::new(&path, "must be an integer"))?;
+                    out.priority = Some(p);
+                }
+                "filter" => {
+                    let expr =
+                        Expr::parse(v, &path).map_err(|e| FieldError::new(e.path, e.message))?;
+                    out.filter = Some(expr);
+                }
+                // Used by APISIX's Lua error pages and logging; nothing to do here.
+                "error_response" | "pre_function" => {
+                    return Err(FieldError::new(&path, "not supported"));
+                }
+                _ => {
+                    return Err(FieldError::new(
+                        &path,
+                        "unknown field (known: disable, priority, filter)",
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,186 @@
+//! `key-auth`: a consumer is recognised by an API key in a header or a
+//! query argument.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use turnpike_plugin::{typed, Consumer, Ctx, Env, Factory, FieldError, Flow, Index, Plugin, Reply};
+
+pub(crate) const NAME: &str = "key-auth";
+pub(crate) const PRIORITY: i32 = 2500;
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "header": {"type": "string", "minLength": 1, "default": "apikey"},
+            "query": {"type": "string", "minLength": 1, "default": "apikey"},
+            "hide_credentials": {"type": "boolean", "default": false}
+        },
+        "additionalProperties": false
+    })
+}
+
+fn consumer_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"key": {"type": "string", "minLength": 1}},
+        "required": ["key"]
+    })
+}
+
+#[derive(Deserialize)]
+struct Config {
+    header: String,
+    query: String,
+    hide_credentials: bool,
+}
+
+/// Keys of every consumer's `key-auth` credential.
+struct Keys(HashMap<String, Arc<Consumer>>);
+
+struct KeyAuth {
+    conf: Config,
+    keys: Arc<Keys>,
+}
+
+pub(crate) fn factory() -> Factory {
+    Factory {
+        name: NAME,
+        priority: PRIORITY,
+        schema,
+        consumer_schema: Some(consumer_schema),
+        build,
+        credentials: Some(credentials),
+    }
+}
+
+fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    Ok(Arc::new(KeyAuth {
+        conf: typed(config)?,
+        keys: env.index(NAME)?,
+    }))
+}
+
+fn credentials(list: &[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)> {
+    let mut keys = HashMap::new();
+    for (i, (consumer, cred)) in list.iter().enumerate() {
+        let key = cred["key"].as_str().unwrap_or_default().to_owned();
+        if keys.insert(key, consumer.clone()).is_some() {
+            return Err((
+                i,
+                FieldError::new("key", "duplicate key: another consumer has it"),
+            ));
+        }
+    }
+    Ok(Arc::new(Keys(keys)))
+}
+
+impl Plugin for KeyAuth {
+    fn rewrite(&self, ctx: &mut Ctx) -> Flow {
+        let (key, from_header) = match ctx.header(&self.conf.header) {
+            Some(k) => (k.to_owned(), true),
+            None => match ctx.query_arg(&self.conf.query) {
+                Some(k) => (k.into_owned(), false),
+                None => {
+                    return Flow::Respond(Reply::message(
+                        StatusCode::UNAUTHORIZED,
+                        "Missing API key in request",
+                    ))
+                }
+            },
+        };
+        let Some(consumer) = self.keys.0.get(&key) else {
+            return Flow::Respond(Reply::message(
+                StatusCode::UNAUTHORIZED,
+                "Invalid API key in request",
+            ));
+        };
+        ctx.consumer = Some(consumer.clone());
+        if self.conf.hide_credentials {
+            if from_header {
+                ctx.req.headers.remove(self.conf.header.as_str());
+            } else {
+                crate::hide_query_arg(ctx, &self.conf.query);
+            }
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use turnpike_plugin::Phase;
+
+    fn plugin(conf: Value) -> turnpike_plugin::Entry {
+        let env = env(
+            NAME,
+            &[
+                ("jack", json!({"key": "k-jack"})),
+                ("rose", json!({"key": "k-rose"})),
+            ],
+        );
+        entry_with(NAME, conf, &env)
+    }
+
+    #[test]
+    fn header_key_finds_the_consumer() {
+        let e = plugin(json!({}));
+        let mut c = request(http::Request::get("/").header("apikey", "k-rose"));
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(&*c.consumer.unwrap().username, "rose");
+    }
+
+    #[test]
+    fn query_key_and_hidden_credentials() {
+        let e = plugin(json!({"query": "key", "hide_credentials": true}));
+        let mut c = ctx("/x?key=k-jack&a=1");
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(&*c.consumer.as_ref().unwrap().username, "jack");
+        assert_eq!(c.upstream_uri.as_str(), "/x?a=1");
+    }
+
+    #[test]
+    fn header_hidden_from_upstream() {
+        let e = plugin(json!({"header": "X-Key", "hide_credentials": true}));
+        let mut c = request(http::Request::get("/").header("x-key", "k-jack"));
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert!(!c.req.headers.contains_key("x-key"));
+    }
+
+    #[test]
+    fn missing_and_wrong_keys_get_401() {
+        let e = plugin(json!({}));
+        let r = run_now(Phase::Rewrite, &e, &mut ctx("/")).unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(body(&r), json!({"message": "Missing API key in request"}));
+        let mut c = request(http::Request::get("/").header("apikey", "nope"));
+        let r = run_now(Phase::Rewrite, &e, &mut c).unwrap();
+        assert_eq!(body(&r), json!({"message": "Invalid API key in request"}));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let r = crate::registry();
+        let list = vec![
+            (consumer("a"), json!({"key": "same"})),
+            (consumer("b"), json!({"key": "same"})),
+        ];
+        let mut all = HashMap::new();
+        all.insert(NAME, list);
+        let errs = r.indexes(all).err().unwrap();
+        assert_eq!(&*errs[0].0.username, "b");
+        assert!(errs[0].2.message.contains("duplicate"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = errors(NAME, json!({"hedaer": "x"}));
+        assert!(e[0].message.contains("hedaer"), "{e:?}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The plugins Turnpike ships, one file per plugin, named as in APISIX
+//! (`key-auth` lives in `key_auth.rs`). Each file holds, in order: the
+//! name, the priority, the config schema, the consumer schema if any, the
+//! typed config, and the phase hooks.
+//!
+//! [`registry`] lists them all; the binary hands it to the config compiler.
+
+use std::sync::Arc;
+
+use turnpike_plugin::{Factory, Registry};
+
+mod basic_auth;
+mod body_transformer;
+mod consumer_restriction;
+mod cors;
+mod forward_auth;
+mod headers;
+mod ip_restriction;
+mod jwt_auth;
+mod key_auth;
+mod mocking;
+mod proxy_rewrite;
+mod redirect;
+mod request_id;
+mod request_validation;
+mod response_rewrite;
+
+/// Every plugin this build ships.
+pub fn factories() -> Vec<Factory> {
+    vec![
+        request_id::factory(),
+        mocking::factory(),
+        cors::factory(),
+        ip_restriction::factory(),
+        request_validation::factory(),
+        basic_auth::factory(),
+        jwt_auth::factory(),
+        key_auth::factory(),
+        consumer_restriction::factory(),
+        forward_auth::factory(),
+        body_transformer::factory(),
+        proxy_rewrite::factory(),
+        redirect::factory(),
+        response_rewrite::factory(),
+    ]
+}
+
+/// The registry of every plugin this build ships.
+pub fn registry() -> Arc<Registry> {
+    Arc::new(Registry::new(factories()))
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A query string without the argument `name` (for `hide_credentials`).
+pub(crate) fn without_arg(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(name))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Drops query argument `name` from the upstream request.
+pub(crate) fn hide_query_arg(ctx: &mut turnpike_plugin::Ctx, name: &str) {
+    let uri = &ctx.upstream_uri;
+    let Some(query) = uri.query() else {
+        return;
+    };
+    let rest = without_arg(query, name);
+    let text = if rest.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{rest}", uri.path())
+    };
+    // Made from a valid path and parts of a valid query.
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(text) {
+        ctx.upstream_uri = pq;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_builds_and_priorities_are_unique() {
+        let r = registry();
+        let mut seen = std::collections::HashSet::new();
+        for f in r.factories() {
+            assert!(
+                seen.insert(f.priority),
+                "priority {} used twice",
+                f.priority
+            );
+        }
+        assert_eq!(seen.len(), factories().len());
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn query_args_are_hidden() {
+        assert_eq!(without_arg("apikey=1&a=2", "apikey"), "a=2");
+        assert_eq!(without_arg("a=2&apikey", "apikey"), "a=2");
+        assert_eq!(without_arg("apikey=1", "apikey"), "");
+    }
+}

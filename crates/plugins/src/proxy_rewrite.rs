@@ -1,0 +1,246 @@
+//! `proxy-rewrite`: changes what the upstream is asked: path (fixed, with
+//! variables, or by regex with captures), host, method and headers.
+
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use http::{Method, StatusCode};
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply};
+
+use crate::headers::HeaderOps;
+
+pub(crate) const NAME: &str = "proxy-rewrite";
+pub(crate) const PRIORITY: i32 = 1008;
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "uri": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^\\/.*"},
+            "method": {"type": "string", "enum": ["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "MKCOL", "COPY", "MOVE", "PROPFIND", "LOCK", "UNLOCK", "PATCH", "TRACE"]},
+            "regex_uri": {"type": "array", "minItems": 2, "items": {"type": "string"}},
+            "host": {"type": "string", "pattern": "^[0-9a-zA-Z-.]+(:\\d{1,5})?$"},
+            "headers": crate::headers::schema(),
+            "use_real_request_uri_unsafe": {"type": "boolean", "default": false}
+        },
+        "additionalProperties": false
+    })
+}
+
+#[derive(Deserialize)]
+struct Config {
+    uri: Option<String>,
+    method: Option<String>,
+    regex_uri: Option<Vec<String>>,
+    host: Option<String>,
+    headers: Option<Value>,
+    use_real_request_uri_unsafe: bool,
+}
+
+struct ProxyRewrite {
+    uri: Option<String>,
+    regex: Vec<(Regex, String)>,
+    method: Option<Method>,
+    host: Option<http::HeaderValue>,
+    headers: HeaderOps,
+    raw: bool,
+}
+
+pub(crate) fn factory() -> Factory {
+    Factory {
+        name: NAME,
+        priority: PRIORITY,
+        schema,
+        consumer_schema: None,
+        build,
+        credentials: None,
+    }
+}
+
+/// `regex_uri`: pairs of pattern and replacement, first match wins.
+pub(crate) fn regex_pairs(
+    list: &[String],
+    field: &str,
+) -> Result<Vec<(Regex, String)>, FieldError> {
+    if list.len() % 2 != 0 {
+        return Err(FieldError::new(
+            field,
+            "must hold pairs: pattern, replacement, …",
+        ));
+    }
+    list.chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            Regex::new(&pair[0])
+                .map(|r| (r, pair[1].clone()))
+                .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e.to_string()))
+        })
+        .collect()
+}
+
+/// The first pattern that matches `path`, with its replacement applied.
+pub(crate) fn regex_rewrite(pairs: &[(Regex, String)], path: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(re, _)| re.is_match(path))
+        .map(|(re, with)| re.replace(path, with.as_str()).into_owned())
+}
+
+fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    let c: Config = typed(config)?;
+    let regex = regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri")?;
+    let host = c
+        .host
+        .map(|h| {
+            http::HeaderValue::from_str(&h).map_err(|_| FieldError::new("host", "not a valid host"))
+        })
+        .transpose()?;
+    Ok(Arc::new(ProxyRewrite {
+        uri: c.uri,
+        regex,
+        method: c
+            .method
+            .map(|m| Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET)),
+        host,
+        headers: HeaderOps::parse(c.headers.as_ref(), "headers")?,
+        raw: c.use_real_request_uri_unsafe,
+    }))
+}
+
+impl ProxyRewrite {
+    fn new_path(&self, ctx: &Ctx) -> Option<String> {
+        if let Some(uri) = &self.uri {
+            return Some(ctx.expand(uri));
+        }
+        regex_rewrite(&self.regex, ctx.path())
+    }
+
+    /// The rewritten path, encoded, with the client's query after it.
+    fn upstream_uri(&self, ctx: &Ctx, path: &str) -> Option<PathAndQuery> {
+        let (path, own_query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let mut text = if self.raw {
+            path.to_owned()
+        } else {
+            turnpike_router::encode_path(path).into_owned()
+        };
+        if !text.starts_with('/') {
+            text.insert(0, '/');
+        }
+        let query = [own_query, ctx.req.uri.query()];
+        let query: Vec<&str> = query
+            .into_iter()
+            .flatten()
+            .filter(|q| !q.is_empty())
+            .collect();
+        if !query.is_empty() {
+            text.push('?');
+            text.push_str(&query.join("&"));
+        }
+        PathAndQuery::try_from(text).ok()
+    }
+}
+
+impl Plugin for ProxyRewrite {
+    fn rewrite(&self, ctx: &mut Ctx) -> Flow {
+        if let Some(path) = self.new_path(ctx) {
+            match self.upstream_uri(ctx, &path) {
+                Some(pq) => ctx.upstream_uri = pq,
+                None => {
+                    return Flow::Respond(Reply::message(
+                        StatusCode::BAD_REQUEST,
+                        "the rewritten URI is not valid",
+                    ))
+                }
+            }
+        }
+        if let Some(m) = &self.method {
+            ctx.req.method = m.clone();
+        }
+        if let Some(h) = &self.host {
+            ctx.upstream_host = Some(h.clone());
+        }
+        if !self.headers.is_empty() {
+            let mut headers = std::mem::take(&mut ctx.req.headers);
+            self.headers.apply(ctx, &mut headers);
+            ctx.req.headers = headers;
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use turnpike_plugin::Phase;
+
+    fn rewrite(conf: Value, uri: &str) -> Ctx {
+        let e = entry(NAME, conf);
+        let mut c = ctx(uri);
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        c
+    }
+
+    #[test]
+    fn fixed_uri_keeps_the_query() {
+        let c = rewrite(json!({"uri": "/v2/items"}), "/items?page=2");
+        assert_eq!(c.upstream_uri.as_str(), "/v2/items?page=2");
+        let c = rewrite(json!({"uri": "/x?a=1"}), "/items?page=2");
+        assert_eq!(c.upstream_uri.as_str(), "/x?a=1&page=2");
+    }
+
+    #[test]
+    fn uri_with_variables() {
+        let c = rewrite(json!({"uri": "/users/$arg_id/$remote_addr"}), "/u?id=7");
+        assert_eq!(c.upstream_uri.as_str(), "/users/7/10.0.0.1?id=7");
+    }
+
+    #[test]
+    fn regex_with_captures_first_match_wins() {
+        let conf =
+            json!({"regex_uri": ["^/api/v1/(.*)/(.*)$", "/$2/$1", "^/api/(.*)", "/other/$1"]});
+        let c = rewrite(conf.clone(), "/api/v1/a/b?q=1");
+        assert_eq!(c.upstream_uri.as_str(), "/b/a?q=1");
+        let c = rewrite(conf.clone(), "/api/x");
+        assert_eq!(c.upstream_uri.as_str(), "/other/x");
+        let c = rewrite(conf, "/nomatch");
+        assert_eq!(c.upstream_uri.as_str(), "/nomatch");
+    }
+
+    #[test]
+    fn host_method_headers() {
+        let conf = json!({"host": "internal.svc", "method": "POST", "headers": {"set": {"x-api": "v2"}, "remove": ["x-user"]}});
+        let mut c = request(http::Request::get("/").header("x-user", "u"));
+        let e = entry(NAME, conf);
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(c.upstream_host.unwrap(), "internal.svc");
+        assert_eq!(c.req.method, Method::POST);
+        assert_eq!(c.req.headers["x-api"], "v2");
+        assert!(!c.req.headers.contains_key("x-user"));
+    }
+
+    #[test]
+    fn spaces_are_encoded() {
+        let c = rewrite(json!({"regex_uri": ["^/(.*)", "/a b/$1"]}), "/x");
+        assert_eq!(c.upstream_uri.as_str(), "/a%20b/x");
+    }
+
+    #[test]
+    fn bad_regex_and_odd_pairs_are_named() {
+        assert_eq!(
+            errors(NAME, json!({"regex_uri": ["(", "/x"]}))[0].path,
+            "regex_uri[0]"
+        );
+        assert_eq!(
+            errors(NAME, json!({"regex_uri": ["a", "b", "c"]}))[0].path,
+            "regex_uri"
+        );
+        assert_eq!(errors(NAME, json!({"uri": "no-slash"}))[0].path, "uri");
+    }
+}
