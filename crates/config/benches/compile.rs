@@ -37,17 +37,24 @@ fn config(n: usize) -> String {
 fn bench(c: &mut Criterion) {
     let text = config(10_000);
     let parsed = turnpike_config::parse(&text).unwrap();
-    let first = turnpike_config::compile(&parsed.resources, None, 1).unwrap();
+    let registry = turnpike_plugins::registry();
+    let first = turnpike_config::compile(&parsed.resources, &registry, None, 1).unwrap();
     let mut group = c.benchmark_group("10k_routes");
     group.sample_size(20);
     group.bench_function("parse", |b| {
         b.iter(|| black_box(turnpike_config::parse(black_box(&text)).unwrap()))
     });
     group.bench_function("compile", |b| {
-        b.iter(|| black_box(turnpike_config::compile(&parsed.resources, None, 2).unwrap()))
+        b.iter(|| {
+            black_box(turnpike_config::compile(&parsed.resources, &registry, None, 2).unwrap())
+        })
     });
     group.bench_function("recompile_with_previous", |b| {
-        b.iter(|| black_box(turnpike_config::compile(&parsed.resources, Some(&first), 2).unwrap()))
+        b.iter(|| {
+            black_box(
+                turnpike_config::compile(&parsed.resources, &registry, Some(&first), 2).unwrap(),
+            )
+        })
     });
     group.finish();
 }

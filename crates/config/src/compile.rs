@@ -5,6 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
+use turnpike_plugin::{Chain, Consumer, Entry, Env, Registry};
 use turnpike_router::{RouteSpec, Router, Var};
 use turnpike_upstream::Kind;
 
@@ -16,11 +18,15 @@ use crate::snapshot::{
 };
 use crate::ConfigError;
 
-/// Compiles resources into a snapshot. `previous` lends its upstreams (and so
-/// their balancer state) to those that did not change. Every problem is
-/// reported, each with its resource and field path.
+mod consumers;
+
+/// Compiles resources into a snapshot. `registry` holds the plugins this
+/// build knows; `previous` lends its upstreams (and so their balancer
+/// state) to those that did not change. Every problem is reported, each
+/// with its resource and field path.
 pub fn compile(
     res: &Resources,
+    registry: &Registry,
     previous: Option<&Snapshot>,
     revision: u64,
 ) -> Result<Snapshot, Vec<ConfigError>> {
@@ -30,8 +36,12 @@ pub fn compile(
         previous,
         upstreams: HashMap::new(),
         unrouted: Vec::new(),
+        registry,
+        env: Env::default(),
     };
     let upstream_ids = c.upstreams(res);
+    let consumers = c.consumers(res);
+    let global = c.global_rules(res);
     let services = c.services(res, &upstream_ids);
     let plugin_configs = c.plugin_configs(res);
     let (routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
@@ -59,6 +69,8 @@ pub fn compile(
         router: router.expect("router built when there are no errors"),
         routes,
         upstreams: c.upstreams,
+        global,
+        consumers,
         warnings: c.warnings,
     })
 }
@@ -71,12 +83,17 @@ struct Compiler<'p> {
     /// Matching rules of routes left out of the router (disabled, or with
     /// another error), checked so every error is reported at once.
     unrouted: Vec<(String, RouteSpec)>,
+    registry: &'p Registry,
+    /// Credential lookups of the authentication plugins, built from the
+    /// consumers before any route's plugins are.
+    env: Env,
 }
 
 struct ServiceRef {
     upstream: Option<Arc<Upstream>>,
     hosts: Vec<String>,
     websocket: bool,
+    plugins: Vec<Entry>,
 }
 
 impl Compiler<'_> {
@@ -109,7 +126,7 @@ impl Compiler<'_> {
             let Some((id, label)) = self.unique_id(&s.id, "service", i, &mut seen) else {
                 continue;
             };
-            self.no_plugins(&label, &s.plugins);
+            let plugins = self.entries(&label, s.plugins.as_ref());
             let upstream = match (&s.upstream, &s.upstream_id) {
                 (inline, Some(uid)) => {
                     self.validate_only(inline.as_ref(), &format!("services/{id}"), &label);
@@ -125,24 +142,25 @@ impl Compiler<'_> {
                     upstream,
                     hosts,
                     websocket: s.enable_websocket.unwrap_or(false),
+                    plugins,
                 },
             );
         }
         by_id
     }
 
-    fn plugin_configs(&mut self, res: &Resources) -> Vec<Id> {
-        let mut ids = Vec::new();
+    fn plugin_configs(&mut self, res: &Resources) -> HashMap<Id, Vec<Entry>> {
+        let mut by_id = HashMap::new();
         let mut seen = HashSet::new();
         for (i, pc) in res.plugin_configs.iter().enumerate() {
             let Some((id, label)) = self.unique_id(&pc.id, "plugin config", i, &mut seen) else {
                 continue;
             };
             let plugins = self.plugin_map(&label, pc.rest.get("plugins"));
-            self.no_plugins(&label, &plugins);
-            ids.push(id);
+            let entries = self.entries(&label, plugins.as_ref());
+            by_id.insert(id, entries);
         }
-        ids
+        by_id
     }
 
     fn routes(
@@ -150,7 +168,7 @@ impl Compiler<'_> {
         res: &Resources,
         upstreams: &HashMap<Id, Arc<Upstream>>,
         services: &HashMap<Id, ServiceRef>,
-        plugin_configs: &[Id],
+        plugin_configs: &HashMap<Id, Vec<Entry>>,
     ) -> (Vec<Route>, Vec<RouteSpec>) {
         let mut seen = HashSet::new();
         let mut routes = Vec::new();
@@ -170,16 +188,21 @@ impl Compiler<'_> {
             if r.status > 1 {
                 self.err(&label, "status", "must be 1 (enabled) or 0 (disabled)");
             }
-            self.no_plugins(&label, &r.plugins);
-            if let Some(pc) = &r.plugin_config_id {
-                if !plugin_configs.contains(pc) {
-                    self.err(
-                        &label,
-                        "plugin_config_id",
-                        format!("plugin config `{pc}` does not exist"),
-                    );
-                }
-            }
+            let own = self.entries(&label, r.plugins.as_ref());
+            let shared = match &r.plugin_config_id {
+                Some(pc) => match plugin_configs.get(pc) {
+                    Some(entries) => &entries[..],
+                    None => {
+                        self.err(
+                            &label,
+                            "plugin_config_id",
+                            format!("plugin config `{pc}` does not exist"),
+                        );
+                        &[]
+                    }
+                },
+                None => &[],
+            };
             let service = match &r.service_id {
                 Some(sid) => match services.get(sid) {
                     Some(s) => Some(s),
@@ -216,7 +239,9 @@ impl Compiler<'_> {
                 continue;
             };
             let timeouts = self.timeouts(&label, "timeout", r.timeout.as_ref(), upstream.timeouts);
+            let service_plugins = service.map_or(&[][..], |s| &s.plugins[..]);
             routes.push(Route {
+                chain: Chain::merge([service_plugins, shared, &own[..]]),
                 id: id.0.into(),
                 service_id: r.service_id.as_ref().map(|s| s.0.as_str().into()),
                 websocket: r
@@ -383,39 +408,52 @@ impl Compiler<'_> {
         }
     }
 
-    /// Plugins arrive with the plugin runtime; until then a route that asks
-    /// for one is refused rather than served without it.
-    fn no_plugins(&mut self, label: &str, plugins: &Option<Plugins>) {
-        for name in plugins.iter().flat_map(|p| p.keys()) {
-            self.err(
-                label,
-                format!("plugins.{name}"),
-                format!("plugin `{name}` is not available in this build"),
-            );
+    /// Checks and builds a resource's plugins; errors are reported at
+    /// `plugins.{name}.{field}`.
+    fn entries(&mut self, label: &str, plugins: Option<&Plugins>) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for (name, config) in plugins.into_iter().flatten() {
+            match self.registry.entry(name, config, &self.env) {
+                Ok(e) => out.push(e),
+                Err(errors) => self.plugin_errors(label, name, errors),
+            }
         }
+        out
+    }
+
+    fn plugin_errors(&mut self, label: &str, name: &str, errors: Vec<turnpike_plugin::FieldError>) {
+        for e in errors {
+            let path = if e.path.is_empty() {
+                format!("plugins.{name}")
+            } else {
+                format!("plugins.{name}.{}", e.path)
+            };
+            self.err(label, path, e.message);
+        }
+    }
+
+    /// Every global rule's plugins, in one chain that runs before each route's.
+    fn global_rules(&mut self, res: &Resources) -> Chain {
+        let mut all = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, rule) in res.global_rules.iter().enumerate() {
+            let Some((_, label)) = self.unique_id(&rule.id, "global rule", i, &mut seen) else {
+                continue;
+            };
+            let plugins = self.plugin_map(&label, rule.rest.get("plugins"));
+            all.extend(self.entries(&label, plugins.as_ref()));
+        }
+        Chain::new(all)
     }
 
     fn opaque(&mut self, res: &Resources) {
         let unused = [
-            ("consumers", res.consumers.len()),
-            ("consumer_groups", res.consumer_groups.len()),
-            ("global_rules", res.global_rules.len()),
             ("ssls", res.ssls.len()),
             ("plugin_metadata", res.plugin_metadata.len()),
         ];
         for (kind, n) in unused.into_iter().filter(|(_, n)| *n > 0) {
             self.warnings
                 .push(format!("{n} {kind} read but not used yet by this build"));
-        }
-        for (i, rule) in res.global_rules.iter().enumerate() {
-            let label = rule
-                .id
-                .as_ref()
-                .map_or(format!("global rule #{}", i + 1), |id| {
-                    format!("global rule {id}")
-                });
-            let plugins = self.plugin_map(&label, rule.rest.get("plugins"));
-            self.no_plugins(&label, &plugins);
         }
     }
 

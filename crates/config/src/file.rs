@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::gateway::Gateway;
-use crate::model::{Id, Opaque, Route, Service, Upstream};
+use crate::model::{Consumer, Id, Opaque, Route, Service, Upstream};
 use crate::ConfigError;
 
 /// Every resource kind, with the name used in the file, the etcd key and the
@@ -31,7 +31,7 @@ pub struct Resources {
     pub routes: Vec<Route>,
     pub services: Vec<Service>,
     pub upstreams: Vec<Upstream>,
-    pub consumers: Vec<Opaque>,
+    pub consumers: Vec<Consumer>,
     pub consumer_groups: Vec<Opaque>,
     pub plugin_configs: Vec<Opaque>,
     pub global_rules: Vec<Opaque>,

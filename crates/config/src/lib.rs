@@ -9,7 +9,8 @@
 //!     uri: /hello
 //!     upstream: {nodes: {"127.0.0.1:1980": 1}}
 //! "#).unwrap();
-//! let snapshot = turnpike_config::compile(&file.resources, None, 1).unwrap();
+//! let registry = turnpike_plugin::Registry::new(Vec::new()); // no plugins
+//! let snapshot = turnpike_config::compile(&file.resources, &registry, None, 1).unwrap();
 //! assert_eq!(snapshot.routes.len(), 1);
 //! ```
 //!

@@ -207,6 +207,23 @@ impl Default for KeepalivePool {
     }
 }
 
+/// A consumer, or (APISIX 3.11+) one of its credentials: an entry whose
+/// id is `{username}/credentials/{id}` and which holds only authentication
+/// plugins.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Consumer {
+    pub username: Option<String>,
+    /// Only on credentials: `{username}/credentials/{id}`.
+    pub id: Option<String>,
+    pub desc: Option<String>,
+    pub name: Option<String>,
+    pub plugins: Option<Plugins>,
+    pub group_id: Option<Id>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub create_time: Option<u64>,
+    pub update_time: Option<u64>,
+}
+
 /// Resources the core does not act on yet; kept whole so they are validated
 /// as JSON, listed, and ready for the plugin runtime and Admin API.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

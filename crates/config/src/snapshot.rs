@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use turnpike_plugin::{Chain, Consumer};
 use turnpike_router::{Router, Var};
 use turnpike_upstream::Balancer;
 
@@ -23,6 +24,10 @@ pub struct Snapshot {
     /// Every upstream in use, by key (`upstreams/1`, or `routes/7` for an
     /// inline one), so state survives reloads that do not change it.
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// The global rules' plugins, run before every route's.
+    pub global: Chain,
+    /// Consumers by username.
+    pub consumers: HashMap<Arc<str>, Arc<Consumer>>,
     /// Unknown fields and unsupported settings that were ignored.
     pub warnings: Vec<String>,
 }
@@ -35,6 +40,8 @@ impl Snapshot {
             router: Router::default(),
             routes: Vec::new(),
             upstreams: HashMap::new(),
+            global: Chain::default(),
+            consumers: HashMap::new(),
             warnings: Vec::new(),
         }
     }
@@ -48,6 +55,9 @@ pub struct Route {
     /// The upstream's timeouts with the route's `timeout` over them.
     pub timeouts: Timeouts,
     pub websocket: bool,
+    /// The route's plugins merged with its service's and plugin config's,
+    /// sorted to run.
+    pub chain: Chain,
 }
 
 #[derive(Debug)]

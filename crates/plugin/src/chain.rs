@@ -241,3 +241,244 @@ fn each(global: &Chain, route: &Chain, ctx: &mut Ctx, mut f: impl FnMut(&Entry, 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The ordering contract: global rules first, then priority descending,
+    //! the consumer's plugins joining after authentication and winning over
+    //! the route's own config of the same plugin, `_meta` honoured.
+
+    use std::sync::{Arc, Mutex};
+
+    use http::HeaderValue;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{Conn, Consumer, Env, Factory, FieldError, Registry};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// Records `{label}:{phase}`; `auth` sets the consumer in rewrite.
+    struct Recorder {
+        label: String,
+        log: Log,
+        auth: Option<Arc<Consumer>>,
+    }
+
+    impl Recorder {
+        fn note(&self, phase: &str) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{}:{phase}", self.label));
+        }
+    }
+
+    impl Plugin for Recorder {
+        fn rewrite(&self, ctx: &mut Ctx) -> Flow {
+            self.note("rewrite");
+            if let Some(c) = &self.auth {
+                ctx.consumer = Some(c.clone());
+            }
+            Flow::Continue
+        }
+        fn access(&self, _ctx: &mut Ctx) -> Flow {
+            self.note("access");
+            Flow::Continue
+        }
+        fn log(&self, _ctx: &Ctx) {
+            self.note("log");
+        }
+    }
+
+    fn entry(name: &'static str, priority: i32, label: &str, log: &Log) -> Entry {
+        Entry {
+            name,
+            priority,
+            plugin: Arc::new(Recorder {
+                label: label.into(),
+                log: log.clone(),
+                auth: None,
+            }),
+            filter: None,
+            disabled: false,
+        }
+    }
+
+    fn ctx(uri: &str) -> Ctx {
+        let (parts, ()) = http::Request::get(uri).body(()).unwrap().into_parts();
+        let conn = Arc::new(Conn::new(
+            "10.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "http",
+        ));
+        Ctx::new(parts, conn, HeaderValue::from_static("id"))
+    }
+
+    fn taken(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn global_first_then_priority_with_consumer_merged_after_auth() {
+        let log: Log = Default::default();
+        let consumer = Arc::new(Consumer {
+            username: "jack".into(),
+            header: HeaderValue::from_static("jack"),
+            group_id: None,
+            chain: Chain::new(vec![
+                entry("limit", 1000, "consumer-limit", &log),
+                entry("early", 5000, "consumer-early", &log),
+            ]),
+        });
+        let auth = Entry {
+            plugin: Arc::new(Recorder {
+                label: "auth".into(),
+                log: log.clone(),
+                auth: Some(consumer),
+            }),
+            ..entry("auth", 2500, "auth", &log)
+        };
+        let global = Chain::new(vec![entry("g", 1, "global", &log)]);
+        let route = Chain::merge([
+            &[
+                entry("limit", 1000, "route-limit", &log),
+                entry("low", 10, "low", &log),
+            ][..],
+            &[auth, entry("high", 9000, "high", &log)][..],
+        ]);
+        let mut c = ctx("/");
+        assert!(run_phase(Phase::Rewrite, &global, &route, &mut c)
+            .await
+            .is_none());
+        assert_eq!(
+            taken(&log),
+            // consumer-early (5000) ranks above auth but the consumer is not
+            // known yet in this phase; the consumer's limit replaces the route's.
+            [
+                "global:rewrite",
+                "high:rewrite",
+                "auth:rewrite",
+                "consumer-limit:rewrite",
+                "low:rewrite"
+            ]
+        );
+        assert!(run_phase(Phase::Access, &global, &route, &mut c)
+            .await
+            .is_none());
+        assert_eq!(
+            taken(&log),
+            [
+                "global:access",
+                "high:access",
+                "consumer-early:access",
+                "auth:access",
+                "consumer-limit:access",
+                "low:access"
+            ]
+        );
+        run_log(&global, &route, &mut c);
+        assert_eq!(taken(&log).len(), 6);
+    }
+
+    #[tokio::test]
+    async fn answering_stops_the_phase() {
+        struct Stop;
+        impl Plugin for Stop {
+            fn rewrite(&self, _ctx: &mut Ctx) -> Flow {
+                Flow::Respond(Reply::new(http::StatusCode::FORBIDDEN))
+            }
+        }
+        let log: Log = Default::default();
+        let stop = Entry {
+            plugin: Arc::new(Stop),
+            ..entry("stop", 50, "stop", &log)
+        };
+        let route = Chain::new(vec![
+            entry("a", 100, "a", &log),
+            stop,
+            entry("b", 1, "b", &log),
+        ]);
+        let reply = run_phase(Phase::Rewrite, &Chain::default(), &route, &mut ctx("/")).await;
+        assert_eq!(reply.unwrap().status, 403);
+        assert_eq!(taken(&log), ["a:rewrite"]);
+    }
+
+    /// Two test plugins built through a real registry, recording into `LOG`.
+    fn meta_registry() -> Registry {
+        fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+            let label = config["label"].as_str().unwrap_or_default().to_owned();
+            Ok(Arc::new(Recorder {
+                label,
+                log: LOG.with(|l| l.clone()),
+                auth: None,
+            }))
+        }
+        let factory = |name, priority| Factory {
+            name,
+            priority,
+            schema: || json!({"type": "object", "properties": {"label": {"type": "string"}}}),
+            consumer_schema: None,
+            build,
+            credentials: None,
+        };
+        Registry::new(vec![factory("one", 10), factory("two", 20)])
+    }
+
+    use serde_json::Value;
+    thread_local! {
+        static LOG: Log = Default::default();
+    }
+
+    #[tokio::test]
+    async fn meta_priority_disable_and_filter() {
+        let log = LOG.with(|l| l.clone());
+        let registry = meta_registry();
+        let env = Env::default();
+        let one = registry
+            .entry(
+                "one",
+                &json!({"label": "one", "_meta": {"priority": 30}}),
+                &env,
+            )
+            .unwrap();
+        let two = registry
+            .entry(
+                "two",
+                &json!({"label": "two", "_meta": {"filter": [["arg_x", "==", "1"]]}}),
+                &env,
+            )
+            .unwrap();
+        let route = Chain::new(vec![one, two]);
+        assert_eq!(
+            route.entries()[0].name,
+            "one",
+            "_meta.priority 30 outranks 20"
+        );
+        run_phase(Phase::Access, &Chain::default(), &route, &mut ctx("/?x=1")).await;
+        assert_eq!(taken(&log), ["one:access", "two:access"]);
+        run_phase(Phase::Access, &Chain::default(), &route, &mut ctx("/?x=2")).await;
+        assert_eq!(taken(&log), ["one:access"], "filter leaves `two` out");
+
+        let off = registry
+            .entry(
+                "two",
+                &json!({"label": "off", "_meta": {"disable": true}}),
+                &env,
+            )
+            .unwrap();
+        let on = registry
+            .entry("two", &json!({"label": "on"}), &env)
+            .unwrap();
+        let merged = Chain::merge([&[on][..], &[off][..]]);
+        assert!(
+            merged.is_empty(),
+            "a later layer's disable switches the plugin off"
+        );
+
+        let bad = registry.entry("one", &json!({"_meta": {"priority": "high"}}), &env);
+        assert_eq!(bad.err().unwrap()[0].path, "_meta.priority");
+        let bad = registry.entry("one", &json!({"label": 5}), &env);
+        assert_eq!(bad.err().unwrap()[0].path, "label");
+    }
+}

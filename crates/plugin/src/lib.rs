@@ -44,7 +44,7 @@ mod schema;
 pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase};
 pub use ctx::{host_only, Conn, Consumer, Ctx};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
-pub use registry::{typed, Env, Factory, FieldError, Index, Registry};
+pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::fill_defaults;
 
 /// The most a plugin may make Turnpike hold of a request or response body

@@ -3,7 +3,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -15,6 +15,18 @@ use crate::{Consumer, Entry, Plugin};
 /// A plugin's lookup from credentials to consumers (the keys of every
 /// consumer's `key-auth`, say), built once per snapshot.
 pub type Index = Arc<dyn Any + Send + Sync>;
+
+/// Builds an instance from a checked config.
+pub type Build = fn(Value, &Env) -> Result<Arc<dyn Plugin>, FieldError>;
+
+/// Every consumer's credential for one plugin, checked.
+pub type CredentialList = [(Arc<Consumer>, Value)];
+
+/// Builds a credential lookup; an error names the entry by position.
+pub type BuildIndex = fn(&CredentialList) -> Result<Index, (usize, FieldError)>;
+
+/// A credential that did not fit in a lookup: whose, which plugin, what.
+pub type CredentialError = (Arc<Consumer>, &'static str, FieldError);
 
 /// What a plugin is: its identity, its config's schema, and how to build it.
 pub struct Factory {
@@ -28,11 +40,11 @@ pub struct Factory {
     pub consumer_schema: Option<fn() -> Value>,
     /// Builds an instance from a config that passed the schema, with its
     /// defaults filled in.
-    pub build: fn(Value, &Env) -> Result<Arc<dyn Plugin>, FieldError>,
+    pub build: Build,
     /// For authentication plugins: builds the lookup from every consumer's
     /// credential (already checked against `consumer_schema`). An error
     /// names the offending entry by its position in the list.
-    pub credentials: Option<fn(&[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)>>,
+    pub credentials: Option<BuildIndex>,
 }
 
 /// A problem in one plugin's config, at a field path inside it.
@@ -83,8 +95,17 @@ impl Env {
 struct Known {
     factory: Factory,
     schema: Value,
-    validator: jsonschema::Validator,
-    consumer: Option<(Value, jsonschema::Validator)>,
+    /// Compiled on first use: a validator costs up to a few megabytes, and
+    /// most configs use a handful of plugins.
+    validator: OnceLock<jsonschema::Validator>,
+    consumer: Option<(Value, OnceLock<jsonschema::Validator>)>,
+}
+
+impl Known {
+    fn validator(&self) -> &jsonschema::Validator {
+        self.validator
+            .get_or_init(|| compile(self.factory.name, &self.schema))
+    }
 }
 
 /// Every plugin this build ships, by name.
@@ -94,19 +115,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Compiles every schema. A built-in schema that does not compile is a
-    /// bug caught by the registry's own test, so this panics.
+    /// Registers the plugins; their schemas compile when first used.
     pub fn new(factories: Vec<Factory>) -> Registry {
         let mut plugins = Vec::new();
         let mut by_name = HashMap::new();
         for factory in factories {
             let schema = (factory.schema)();
-            let validator = compile(factory.name, &schema);
-            let consumer = factory.consumer_schema.map(|f| {
-                let s = f();
-                let v = compile(factory.name, &s);
-                (s, v)
-            });
+            let validator = OnceLock::new();
+            let consumer = factory.consumer_schema.map(|f| (f(), OnceLock::new()));
             let previous = by_name.insert(factory.name, plugins.len());
             assert!(
                 previous.is_none(),
@@ -121,6 +137,17 @@ impl Registry {
             });
         }
         Registry { plugins, by_name }
+    }
+
+    /// Compiles every schema now. A built-in schema that does not compile
+    /// is a bug, so this panics; the plugins crate's tests call it.
+    pub fn compile_all(&self) {
+        for known in &self.plugins {
+            known.validator();
+            if let Some((schema, v)) = &known.consumer {
+                v.get_or_init(|| compile(known.factory.name, schema));
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Factory> {
@@ -157,6 +184,7 @@ impl Registry {
                 format!("plugin `{name}` holds no credentials"),
             )]);
         };
+        let validator = validator.get_or_init(|| compile(name, schema));
         check(schema, validator, config.clone())
     }
 
@@ -171,7 +199,7 @@ impl Registry {
             None => None,
         };
         let meta = Meta::parse(meta.as_ref()).map_err(|e| vec![e])?;
-        let config = check(&known.schema, &known.validator, config)?;
+        let config = check(&known.schema, known.validator(), config)?;
         let plugin = (known.factory.build)(config, env).map_err(|e| vec![e])?;
         Ok(Entry {
             name: known.factory.name,
@@ -187,7 +215,7 @@ impl Registry {
     pub fn indexes(
         &self,
         mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
-    ) -> Result<Env, Vec<(Arc<Consumer>, &'static str, FieldError)>> {
+    ) -> Result<Env, Vec<CredentialError>> {
         let mut env = Env::default();
         let mut errors = Vec::new();
         for known in &self.plugins {
@@ -220,8 +248,17 @@ impl Registry {
 fn compile(name: &str, schema: &Value) -> jsonschema::Validator {
     // Built-in schemas are constants; `registry_builds` in turnpike-plugins
     // compiles every one of them.
-    jsonschema::validator_for(schema)
-        .unwrap_or_else(|e| panic!("schema of plugin {name} does not compile: {e}"))
+    validator(schema).unwrap_or_else(|e| panic!("schema of plugin {name} does not compile: {e}"))
+}
+
+/// A JSON Schema validator, draft 7 (what APISIX's schemas are written
+/// in). Later drafts cost about 10 MB of memory more for their
+/// meta-schemas, for features plugin schemas do not use.
+pub fn validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft7)
+        .build(schema)
+        .map_err(|e| e.to_string())
 }
 
 fn check(

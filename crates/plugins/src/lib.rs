@@ -95,6 +95,7 @@ mod tests {
     #[test]
     fn registry_builds_and_priorities_are_unique() {
         let r = registry();
+        r.compile_all();
         let mut seen = std::collections::HashSet::new();
         for f in r.factories() {
             assert!(

@@ -65,7 +65,7 @@ pub(crate) fn regex_pairs(
     list: &[String],
     field: &str,
 ) -> Result<Vec<(Regex, String)>, FieldError> {
-    if list.len() % 2 != 0 {
+    if !list.len().is_multiple_of(2) {
         return Err(FieldError::new(
             field,
             "must hold pairs: pattern, replacement, …",
@@ -75,10 +75,30 @@ pub(crate) fn regex_pairs(
         .enumerate()
         .map(|(i, pair)| {
             Regex::new(&pair[0])
-                .map(|r| (r, pair[1].clone()))
+                .map(|r| (r, replacement(&pair[1])))
                 .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e.to_string()))
         })
         .collect()
+}
+
+/// An APISIX (PCRE) replacement in Rust's regex syntax: `$1s` means
+/// capture 1 then `s` in APISIX, but a group named `1s` to `regex`, so
+/// numbered captures are braced: `${1}s`.
+fn replacement(apisix: &str) -> String {
+    let mut out = String::with_capacity(apisix.len() + 4);
+    let mut chars = apisix.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' || !chars.peek().is_some_and(char::is_ascii_digit) {
+            continue;
+        }
+        out.push('{');
+        while let Some(d) = chars.next_if(char::is_ascii_digit) {
+            out.push(d);
+        }
+        out.push('}');
+    }
+    out
 }
 
 /// The first pattern that matches `path`, with its replacement applied.
@@ -223,6 +243,16 @@ mod tests {
         assert_eq!(c.req.method, Method::POST);
         assert_eq!(c.req.headers["x-api"], "v2");
         assert!(!c.req.headers.contains_key("x-user"));
+    }
+
+    #[test]
+    fn numbered_captures_may_touch_letters() {
+        assert_eq!(replacement("/$1s/$2/${3}x/$$"), "/${1}s/${2}/${3}x/$$");
+        let c = rewrite(
+            json!({"regex_uri": ["^/(\\w+)/(\\d+)$", "/$1s/$2"]}),
+            "/user/42",
+        );
+        assert_eq!(c.upstream_uri.as_str(), "/users/42");
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn validator(
 ) -> Result<Option<jsonschema::Validator>, FieldError> {
     schema
         .map(|s| {
-            jsonschema::validator_for(&s)
+            turnpike_plugin::validator(&s)
                 .map_err(|e| FieldError::new(field, format!("not a valid JSON Schema: {e}")))
         })
         .transpose()

@@ -18,6 +18,8 @@ pub(crate) enum Failure {
     NoRoute,
     /// The client stopped sending its request body.
     ClientTimeout,
+    /// A request body a plugin must read is larger than it may hold.
+    TooLarge,
     /// The upstream failed or answered something that is not HTTP.
     BadGateway,
     /// No node could be tried.
@@ -32,6 +34,7 @@ impl Failure {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::BadGateway => StatusCode::BAD_GATEWAY,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -43,6 +46,7 @@ impl Failure {
             Failure::BadRequest => "400 Bad Request",
             Failure::NoRoute => "404 Route Not Found",
             Failure::ClientTimeout => "408 Request Time-out",
+            Failure::TooLarge => "413 Request Entity Too Large",
             Failure::BadGateway => "502 Bad Gateway",
             Failure::Unavailable => "503 Service Temporarily Unavailable",
             Failure::Timeout => "504 Gateway Time-out",

@@ -1,16 +1,20 @@
-//! The request path: normalise, route, pick a node, forward, stream back.
+//! The request path: normalise, route, run the plugins, pick a node,
+//! forward, stream back.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, COOKIE, HOST, TE, TRANSFER_ENCODING};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, COOKIE, HOST, TE, TRANSFER_ENCODING,
+};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Upstream};
+use turnpike_plugin::{host_only, Conn, Ctx};
 use turnpike_router::{encode_path, normalize_path, VarSource};
 
 use crate::body::{BodySent, ProxyBody};
@@ -19,13 +23,16 @@ use crate::headers::{
     new_request_id, set_forwarded, strip_hop_by_hop, usable_request_id, wants_upgrade,
 };
 use crate::pool::{self, ConnectError, SendError, Target};
-use crate::vars::{host_only, ConnInfo, RequestVars};
 use crate::{Shared, X_REQUEST_ID};
+
+/// Sent upstream with the authenticated consumer's name; never taken from
+/// the client.
+static X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
 
 /// Serves one request. Never fails: every problem becomes a JSON answer.
 pub(crate) async fn handle(
     req: Request<Incoming>,
-    conn: Arc<ConnInfo>,
+    conn: Arc<Conn>,
     shared: Arc<Shared>,
 ) -> Response<ProxyBody> {
     let snapshot = shared.snapshot.load_full();
@@ -38,113 +45,60 @@ pub(crate) async fn handle(
             id
         }
     };
-    match route(&snapshot, &parts, &conn, &request_id) {
-        Ok(plan) => {
-            forward(
-                plan,
-                &snapshot,
-                parts,
-                body,
-                &conn,
-                &request_id,
-                shared.client_body_timeout,
-            )
-            .await
-        }
-        Err(failure) => failure.respond(&request_id),
-    }
-}
-
-/// What routing decided, computed while the request is borrowed.
-struct Plan {
-    route: usize,
-    /// The upstream request's path and query (origin form).
-    path_and_query: PathAndQuery,
-    /// The client's host, for `pass_host: pass` and `X-Forwarded-Host`.
-    host: Option<HeaderValue>,
-    hash_key: Option<Vec<u8>>,
-}
-
-fn route(
-    snapshot: &Snapshot,
-    parts: &Parts,
-    conn: &ConnInfo,
-    request_id: &HeaderValue,
-) -> Result<Plan, Failure> {
-    let raw = parts.uri.path();
-    let path = normalize_path(raw).map_err(|_| Failure::BadRequest)?;
-    let host_header = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let host = host_header
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let vars = RequestVars {
-        parts,
-        path: &path,
-        host,
-        conn,
-        request_id,
-        route_id: None,
-        service_id: None,
+    // Only authentication says who the consumer is.
+    parts.headers.remove(&X_CONSUMER_USERNAME);
+    let mut ctx = Ctx::new(parts, conn, request_id);
+    let route = match route(&snapshot, &mut ctx) {
+        Ok(index) => &snapshot.routes[index],
+        Err(failure) => return failure.respond(&ctx.request_id),
     };
+    let timeout = shared.client_body_timeout;
+    if route.chain.is_empty() && snapshot.global.is_empty() {
+        return forward(route, &mut ctx, Some(body), timeout).await;
+    }
+    crate::phases::serve(&snapshot, route, ctx, body, timeout).await
+}
+
+/// Finds the route, recording on the request the normalised path and the
+/// route's ids; returns the route's index.
+fn route(snapshot: &Snapshot, ctx: &mut Ctx) -> Result<usize, Failure> {
+    let path = normalize_path(ctx.req.uri.path()).map_err(|_| Failure::BadRequest)?;
+    if let Cow::Owned(decoded) = path {
+        let encoded = encode_path(&decoded);
+        let text = match ctx.req.uri.query() {
+            Some(q) => format!("{encoded}?{q}"),
+            None => encoded.into_owned(),
+        };
+        let pq = PathAndQuery::from_maybe_shared(text).map_err(|_| Failure::BadRequest)?;
+        ctx.set_path(decoded.into_boxed_str(), pq);
+    }
     let req = turnpike_router::Request {
-        path: &path,
-        host,
-        method: parts.method.as_str(),
-        remote: Some(conn.remote.ip()),
-        vars: &vars,
+        path: ctx.path(),
+        host: ctx.host_str(),
+        method: ctx.req.method.as_str(),
+        remote: Some(ctx.conn.remote.ip()),
+        vars: &*ctx,
     };
     let index = snapshot.router.find(&req).ok_or(Failure::NoRoute)?;
     let route = &snapshot.routes[index];
-    let vars = RequestVars {
-        route_id: Some(&route.id),
-        service_id: route.service_id.as_deref(),
-        ..vars
-    };
-    let hash_key = route.upstream.hash_on.as_ref().map(|h| hash_key(h, &vars));
-    let path_and_query = match (&path, parts.uri.path_and_query()) {
-        (Cow::Borrowed(_), Some(pq)) => pq.clone(),
-        _ => {
-            let encoded = encode_path(&path);
-            let text = match parts.uri.query() {
-                Some(q) => format!("{encoded}?{q}"),
-                None => encoded.into_owned(),
-            };
-            PathAndQuery::from_maybe_shared(text).map_err(|_| Failure::BadRequest)?
-        }
-    };
-    Ok(Plan {
-        route: index,
-        path_and_query,
-        host: host_header,
-        hash_key,
-    })
+    ctx.route_id = Some(route.id.clone());
+    ctx.service_id = route.service_id.clone();
+    Ok(index)
 }
 
 /// The `chash` key; an empty key falls back to the client address, as APISIX does.
-fn hash_key(on: &HashOn, vars: &RequestVars<'_>) -> Vec<u8> {
+fn hash_key(on: &HashOn, ctx: &Ctx) -> Vec<u8> {
     let key: Option<Cow<'_, str>> = match on {
-        HashOn::Vars(v) => vars.var(v),
-        HashOn::Header(name) => vars
-            .parts
-            .headers
-            .get(name.as_ref())
-            .and_then(|v| v.to_str().ok())
-            .map(Cow::Borrowed),
-        HashOn::Cookie(name) => vars.var(&turnpike_router::Var::Cookie(name.clone())),
-        // Consumers arrive with authentication; until then there is none.
-        HashOn::Consumer => None,
+        HashOn::Vars(v) => ctx.var(v),
+        HashOn::Header(name) => ctx.header(name).map(Cow::Borrowed),
+        HashOn::Cookie(name) => ctx.cookie(name).map(Cow::Borrowed),
+        HashOn::Consumer => ctx.consumer.as_ref().map(|c| Cow::Borrowed(&*c.username)),
         HashOn::Combination(parts) => {
             let mut out = String::new();
             for part in parts.iter() {
                 match part {
                     KeyPart::Literal(s) => out.push_str(s),
-                    KeyPart::Var(v) => out.push_str(&vars.var(v).unwrap_or_default()),
+                    KeyPart::Var(v) => out.push_str(&ctx.var(v).unwrap_or_default()),
                 }
             }
             Some(Cow::Owned(out))
@@ -152,46 +106,39 @@ fn hash_key(on: &HashOn, vars: &RequestVars<'_>) -> Vec<u8> {
     };
     match key.filter(|k| !k.is_empty()) {
         Some(k) => k.into_owned().into_bytes(),
-        None => conn_key(vars),
+        None => ctx.conn.remote_ip.as_bytes().to_vec(),
     }
-}
-
-fn conn_key(vars: &RequestVars<'_>) -> Vec<u8> {
-    vars.conn.remote_ip.as_bytes().to_vec()
 }
 
 /// At most this many attempts are remembered; beyond it retries stop.
 const MAX_TRIED: usize = 16;
 
-async fn forward(
-    plan: Plan,
-    snapshot: &Snapshot,
-    mut parts: Parts,
-    body: Incoming,
-    conn: &ConnInfo,
-    request_id: &HeaderValue,
+/// Sends the request upstream, trying other nodes while they cannot be
+/// reached. The body is `ctx.body` when a plugin read it, else `incoming`.
+pub(crate) async fn forward(
+    route: &Route,
+    ctx: &mut Ctx,
+    incoming: Option<Incoming>,
     client_body_timeout: Duration,
 ) -> Response<ProxyBody> {
-    let route: &Route = &snapshot.routes[plan.route];
     let upstream: &Upstream = &route.upstream;
     let upgrade =
-        route.websocket && parts.version == Version::HTTP_11 && wants_upgrade(&parts.headers);
+        route.websocket && ctx.req.version == Version::HTTP_11 && wants_upgrade(&ctx.req.headers);
     let mut client_upgrade = if upgrade {
-        parts.extensions.remove::<OnUpgrade>()
+        ctx.req.extensions.remove::<OnUpgrade>()
     } else {
         None
     };
-    let has_body = !hyper::body::Body::is_end_stream(&body);
-    upstream_headers(&mut parts, &plan, conn, upstream, upgrade, has_body);
-    let sent = has_body.then(|| Arc::new(BodySent::default()));
-    let mut body = Some(match &sent {
-        Some(done) => ProxyBody::Request(crate::body::RequestBody::new(
-            body,
-            done.clone(),
-            client_body_timeout,
-        )),
-        None => ProxyBody::Incoming(body),
-    });
+    if let Some(consumer) = &ctx.consumer {
+        ctx.req
+            .headers
+            .insert(X_CONSUMER_USERNAME.clone(), consumer.header.clone());
+    }
+    let (body, sent) = request_body(ctx, incoming, client_body_timeout);
+    let mut body = Some(body);
+    let has_body = sent.is_some();
+    upstream_headers(ctx, upstream, upgrade, has_body);
+    let hash_key = upstream.hash_on.as_ref().map(|h| hash_key(h, ctx));
     let deadline = upstream.retry_timeout.map(|t| Instant::now() + t);
     let mut tried = [0usize; MAX_TRIED];
     let mut attempts = 0;
@@ -199,14 +146,14 @@ async fn forward(
     while attempts < upstream.max_attempts().min(MAX_TRIED)
         && deadline.is_none_or(|d| Instant::now() < d)
     {
-        let Some(node) = upstream.pick(plan.hash_key.as_deref(), &tried[..attempts]) else {
+        let Some(node) = upstream.pick(hash_key.as_deref(), &tried[..attempts]) else {
             break;
         };
         tried[attempts] = node;
         attempts += 1;
-        let host = upstream_host(&plan, upstream, node);
+        let host = upstream_host(ctx, upstream, node);
         let target = target(upstream, route, node, host.as_ref());
-        let req = build_request(&mut parts, &plan, upstream, node, host.clone(), body.take());
+        let req = build_request(ctx, upstream, node, host.clone(), body.take());
         let mut tracked = upstream
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
@@ -227,32 +174,64 @@ async fn forward(
                 if let Some(guard) = tracked {
                     guard.failed(route.timeouts.connect);
                 }
-                tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
+                tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
                 last = if matches!(e, ConnectError::Timeout) {
                     Failure::Timeout
                 } else {
                     Failure::BadGateway
                 };
                 let (back, returned) = (*req).into_parts();
-                parts.headers = back.headers;
+                ctx.req.headers = back.headers;
                 body = Some(returned);
             }
             Err(Attempt::Failed(failure, reason)) => {
-                tracing::warn!(request_id = ?request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
-                return failure.respond(request_id);
+                tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
+                return failure.respond(&ctx.request_id);
             }
         }
     }
     if attempts == 0 {
-        tracing::warn!(request_id = ?request_id, route = %route.id, "no node available in upstream {}", upstream.key);
+        tracing::warn!(request_id = ?ctx.request_id, route = %route.id, "no node available in upstream {}", upstream.key);
     }
-    last.respond(request_id)
+    last.respond(&ctx.request_id)
+}
+
+/// The body to send and, when there is one, what tells that it has gone:
+/// a body a plugin read (framed anew with its length) or the client's,
+/// streamed.
+fn request_body(
+    ctx: &mut Ctx,
+    incoming: Option<Incoming>,
+    client_body_timeout: Duration,
+) -> (ProxyBody, Option<Arc<BodySent>>) {
+    if let Some(bytes) = ctx.body.take() {
+        let headers = &mut ctx.req.headers;
+        headers.remove(TRANSFER_ENCODING);
+        if bytes.is_empty() {
+            headers.remove(CONTENT_LENGTH);
+            return (ProxyBody::Empty, None);
+        }
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        return (ProxyBody::full(bytes), Some(BodySent::done()));
+    }
+    match incoming {
+        Some(body) if !hyper::body::Body::is_end_stream(&body) => {
+            let sent = Arc::new(BodySent::default());
+            let body = crate::body::RequestBody::new(body, sent.clone(), client_body_timeout);
+            (ProxyBody::Request(body), Some(sent))
+        }
+        Some(body) => (ProxyBody::Incoming(body), None),
+        None => (ProxyBody::Empty, None),
+    }
 }
 
 /// The `Host` the upstream gets, by `pass_host`.
-fn upstream_host(plan: &Plan, upstream: &Upstream, node: usize) -> Option<HeaderValue> {
+fn upstream_host(ctx: &Ctx, upstream: &Upstream, node: usize) -> Option<HeaderValue> {
+    if let Some(host) = &ctx.upstream_host {
+        return Some(host.clone());
+    }
     match &upstream.pass_host {
-        PassHost::Pass => plan.host.clone(),
+        PassHost::Pass => ctx.host.clone(),
         PassHost::Node => HeaderValue::from_str(&upstream.nodes[node].authority).ok(),
         PassHost::Rewrite(h) => HeaderValue::from_str(h).ok(),
     }
@@ -279,14 +258,14 @@ fn target<'a>(
 /// Builds the upstream request, taking the client's headers (a failed
 /// attempt hands them back).
 fn build_request(
-    parts: &mut Parts,
-    plan: &Plan,
+    ctx: &mut Ctx,
     upstream: &Upstream,
     node: usize,
     host: Option<HeaderValue>,
     body: Option<ProxyBody>,
 ) -> Request<ProxyBody> {
     let node = &upstream.nodes[node];
+    let parts = &mut ctx.req;
     let mut req = Request::new(body.unwrap_or(ProxyBody::Empty));
     *req.method_mut() = parts.method.clone();
     *req.headers_mut() = std::mem::take(&mut parts.headers);
@@ -304,12 +283,12 @@ fn build_request(
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(scheme);
         uri.authority = authority;
-        uri.path_and_query = Some(plan.path_and_query.clone());
+        uri.path_and_query = Some(ctx.upstream_uri.clone());
         *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
         req.headers_mut().remove(HOST);
     } else {
         *req.version_mut() = Version::HTTP_11;
-        *req.uri_mut() = Uri::from(plan.path_and_query.clone());
+        *req.uri_mut() = Uri::from(ctx.upstream_uri.clone());
         if let Some(host) = host {
             req.headers_mut().insert(HOST, host);
         }
@@ -346,20 +325,15 @@ async fn exchange(
 /// The client's headers made ready for the upstream: hop-by-hop headers out,
 /// `X-Forwarded-*` in, and the framing and cookies the upstream's protocol
 /// needs.
-fn upstream_headers(
-    parts: &mut Parts,
-    plan: &Plan,
-    conn: &ConnInfo,
-    upstream: &Upstream,
-    upgrade: bool,
-    has_body: bool,
-) {
+fn upstream_headers(ctx: &mut Ctx, upstream: &Upstream, upgrade: bool, has_body: bool) {
+    let host = ctx.host.clone();
+    let parts: &mut Parts = &mut ctx.req;
     let headers = &mut parts.headers;
     let wants_trailers = headers
         .get(TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(headers, upgrade);
-    set_forwarded(headers, conn, plan.host.clone());
+    set_forwarded(headers, &ctx.conn, host);
     if upstream.scheme.is_h2() {
         // gRPC needs `te: trailers` end to end.
         if wants_trailers {

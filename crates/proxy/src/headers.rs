@@ -6,7 +6,7 @@ use http::header::{
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
-use crate::vars::ConnInfo;
+use turnpike_plugin::Conn;
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -82,7 +82,7 @@ pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
 
 /// Sets `X-Forwarded-For` (appending the client to any list it sent),
 /// `-Proto`, `-Host` and `-Port`.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<HeaderValue>) {
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.is_empty() => {
             let joined = format!("{prior}, {}", conn.remote_ip.to_str().unwrap_or_default());
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
-        let conn = ConnInfo::new(
+        let conn = Conn::new(
             "10.0.0.9:5555".parse().unwrap(),
             "127.0.0.1:9080".parse().unwrap(),
             "http",

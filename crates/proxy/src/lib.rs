@@ -14,13 +14,13 @@ mod h1;
 mod handler;
 mod headers;
 mod idle;
+mod phases;
 mod pool;
 mod server;
 mod status;
 mod timed;
 mod tls;
 mod upgrade;
-mod vars;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::handler::handle;
-use crate::vars::ConnInfo;
 use crate::Shared;
+use turnpike_plugin::Conn;
 
 /// The running data plane.
 pub struct Server {
@@ -184,7 +184,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(remote);
-        let info = Arc::new(ConnInfo::new(remote, local, "http"));
+        let info = Arc::new(Conn::new(remote, local, "http"));
         let shared = shared.clone();
         let service = service_fn(move |req| {
             let info = info.clone();

@@ -55,6 +55,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// The plugins this build ships, registered once.
+fn registry() -> &'static turnpike_plugin::Registry {
+    static REGISTRY: std::sync::OnceLock<turnpike_plugin::Registry> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(|| turnpike_plugin::Registry::new(turnpike_plugins::factories()))
+}
+
 /// Loads and compiles the file; `previous` lends unchanged upstreams.
 fn load(
     path: &Path,
@@ -63,7 +69,7 @@ fn load(
     let file = turnpike_config::load(path)?;
     let mut errors = settings_errors(&file.gateway);
     let revision = previous.map_or(1, |p| p.revision + 1);
-    match turnpike_config::compile(&file.resources, previous, revision) {
+    match turnpike_config::compile(&file.resources, registry(), previous, revision) {
         Ok(snapshot) if errors.is_empty() => Ok((file, snapshot)),
         Ok(_) => Err(errors),
         Err(e) => {

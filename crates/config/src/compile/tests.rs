@@ -3,8 +3,17 @@ use std::sync::Arc;
 use super::*;
 use crate::parse;
 
+fn registry() -> Arc<Registry> {
+    turnpike_plugins::registry()
+}
+
 fn compile_text(text: &str) -> Result<Snapshot, Vec<ConfigError>> {
-    compile(&parse(text).expect("parses").resources, None, 1)
+    compile(
+        &parse(text).expect("parses").resources,
+        &registry(),
+        None,
+        1,
+    )
 }
 
 fn errors(text: &str) -> Vec<String> {
@@ -186,11 +195,144 @@ routes:
 }
 
 #[test]
-fn plugins_are_refused_until_the_runtime_exists() {
-    let errs = errors("routes:\n  - {id: 1, uri: /a, plugins: {key-auth: {}}, upstream: {nodes: {\"127.0.0.1:1\": 1}}}\n");
+fn plugin_errors_name_resource_plugin_and_field() {
+    let errs = errors(
+        r#"
+services:
+  - {id: s1, plugins: {cors: {max_age: "long"}}}
+global_rules:
+  - {id: g1, plugins: {no-such-plugin: {}}}
+routes:
+  - {id: 1, uri: /a, plugins: {key-auth: {header: 7}, proxy-rewrite: {regex_uri: ["(", "/x"]}}, upstream: {nodes: {"127.0.0.1:1": 1}}}
+  - {id: 2, uri: /b, plugins: {ip-restriction: {whitelist: ["1.1.1.1"], _meta: {filter: [["nope_var", "==", 1]]}}}, upstream: {nodes: {"127.0.0.1:1": 1}}}
+"#,
+    );
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("global rule g1: plugins.no-such-plugin: unknown plugin"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("service s1: plugins.cors.max_age: "),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with("route 1: plugins.key-auth.header: "),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("route 1: plugins.proxy-rewrite.regex_uri[0]: "),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[4].starts_with("route 2: plugins.ip-restriction._meta.filter[0][0]: unknown variable"),
+        "{errs:#?}"
+    );
+}
+
+fn names(chain: &turnpike_plugin::Chain) -> Vec<(&'static str, i32)> {
+    chain
+        .entries()
+        .iter()
+        .map(|e| (e.name, e.priority))
+        .collect()
+}
+
+#[test]
+fn chains_merge_by_precedence_and_sort_by_priority() {
+    let s = compile_text(
+        r#"
+services:
+  - id: s
+    plugins:
+      proxy-rewrite: {uri: /from-service}
+      cors: {}
+      request-id: {}
+plugin_configs:
+  - id: pc
+    plugins:
+      proxy-rewrite: {uri: /from-plugin-config}
+      ip-restriction: {whitelist: ["0.0.0.0/0"]}
+routes:
+  - id: 1
+    uri: /a
+    service_id: s
+    plugin_config_id: pc
+    upstream: {nodes: {"127.0.0.1:1": 1}}
+    plugins:
+      key-auth: {}
+      request-id: {_meta: {disable: true}}
+      cors: {_meta: {priority: 1}}
+"#,
+    )
+    .unwrap();
+    let route = &s.routes[0];
+    assert_eq!(
+        names(&route.chain),
+        vec![
+            ("ip-restriction", 3000),
+            ("key-auth", 2500),
+            ("proxy-rewrite", 1008),
+            ("cors", 1)
+        ]
+    );
+}
+
+#[test]
+fn consumers_credentials_groups_and_global_rules() {
+    let s = compile_text(
+        r#"
+consumer_groups:
+  - {id: gold, plugins: {response-rewrite: {headers: {set: {x-tier: gold}}}}}
+consumers:
+  - username: jack
+    group_id: gold
+    plugins:
+      key-auth: {key: jack-key}
+      proxy-rewrite: {uri: /jack}
+  - id: jack/credentials/second
+    plugins:
+      basic-auth: {username: jack, password: pw}
+global_rules:
+  - {id: 1, plugins: {request-id: {}}}
+routes:
+  - {id: 1, uri: /a, plugins: {key-auth: {}}, upstream: {nodes: {"127.0.0.1:1": 1}}}
+"#,
+    )
+    .unwrap();
+    let jack = &s.consumers["jack"];
+    assert_eq!(&*jack.group_id.clone().unwrap(), "gold");
+    assert_eq!(
+        names(&jack.chain),
+        vec![("proxy-rewrite", 1008), ("response-rewrite", 899)]
+    );
+    assert_eq!(names(&s.global), vec![("request-id", 12015)]);
+}
+
+#[test]
+fn bad_consumers_and_credentials_are_refused() {
+    let errs = errors(
+        r#"
+consumers:
+  - {username: "bad name"}
+  - {username: a, plugins: {key-auth: {}}}
+  - {username: b, plugins: {key-auth: {key: same}}}
+  - {username: c, plugins: {key-auth: {key: same}}}
+  - {username: d, group_id: none}
+  - {id: zed/credentials/1, plugins: {key-auth: {key: z}}}
+  - {id: a/credentials/1, plugins: {cors: {}}}
+"#,
+    );
     assert_eq!(
         errs,
-        vec!["route 1: plugins.key-auth: plugin `key-auth` is not available in this build"]
+        vec![
+            "consumer bad name: username: must be letters, digits, `_` and `-`",
+            "consumer a: plugins.key-auth: \"key\" is a required property",
+            "consumer d: group_id: consumer group `none` does not exist",
+            "credential zed/credentials/1: id: consumer `zed` does not exist",
+            "credential a/credentials/1: plugins.cors: `cors` is not an authentication plugin; credentials hold only authentication plugins",
+            "consumer c: plugins.key-auth.key: duplicate key: another consumer has it",
+        ]
     );
 }
 
@@ -199,7 +341,7 @@ fn unchanged_upstreams_are_carried_over_and_changed_ones_rebuilt() {
     let v1 = "upstreams:\n  - {id: a, nodes: {\"127.0.0.1:1\": 1}}\n  - {id: b, nodes: {\"127.0.0.1:2\": 1}}\nroutes:\n  - {id: 1, uri: /a, upstream_id: a}\n  - {id: 2, uri: /b, upstream_id: b}\n";
     let v2 = v1.replace("127.0.0.1:2\": 1", "127.0.0.1:2\": 5");
     let first = compile_text(v1).unwrap();
-    let second = compile(&parse(&v2).unwrap().resources, Some(&first), 2).unwrap();
+    let second = compile(&parse(&v2).unwrap().resources, &registry(), Some(&first), 2).unwrap();
     assert!(Arc::ptr_eq(
         &first.upstreams["upstreams/a"],
         &second.upstreams["upstreams/a"]

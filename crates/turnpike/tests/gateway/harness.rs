@@ -38,7 +38,8 @@ pub fn full(data: impl Into<Bytes>) -> Body {
 /// An upstream that describes each request it gets, in JSON:
 /// `{"name", "method", "uri", "version", "headers"}`. Paths with meaning:
 /// `/slow?ms=N` waits first; `/big?bytes=N` streams N bytes; `/upload`
-/// counts the request body's bytes; `/ws` echoes WebSocket messages;
+/// counts the request body's bytes; `/echo-body` answers with the request
+/// body and its content type; `/ws` echoes WebSocket messages;
 /// `/status/N` answers N.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -133,6 +134,20 @@ async fn answer(name: Arc<str>, mut req: Request<Incoming>) -> Result<Response<B
     if path == "/big" {
         let total = query(&req, "bytes").unwrap_or(0);
         return Ok(Response::new(stream_bytes(total)));
+    }
+    if path == "/echo-body" {
+        let content_type = req.headers().get("content-type").cloned();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let mut resp = Response::new(full(body));
+        if let Some(t) = content_type {
+            resp.headers_mut().insert("content-type", t);
+        }
+        return Ok(resp);
     }
     if path == "/upload" {
         let mut body = req.into_body();

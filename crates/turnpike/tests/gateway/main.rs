@@ -5,6 +5,7 @@ mod harness;
 
 mod balancing;
 mod lifecycle;
+mod plugins;
 mod proxying;
 mod reload;
 mod routing;

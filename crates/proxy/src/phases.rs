@@ -1,0 +1,192 @@
+//! The request path of a route with plugins: the request phases, then the
+//! upstream (or a plugin's answer), then the response phases.
+//!
+//! Routes without plugins never come here (see `handler::handle`), so they
+//! pay nothing for the runtime.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::Response;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use turnpike_config::{Route, Snapshot};
+use turnpike_plugin::{
+    run_body_filter, run_header_filter, run_log, run_phase, Chain, Ctx, Head, Phase, Reply,
+    MAX_BUFFERED_BODY,
+};
+
+use crate::body::{BodySent, ProxyBody, RequestBody};
+use crate::error::Failure;
+use crate::handler::forward;
+use crate::X_REQUEST_ID;
+
+/// Serves a request on a route with plugins (its own or global rules').
+pub(crate) async fn serve(
+    snapshot: &Snapshot,
+    route: &Route,
+    mut ctx: Ctx,
+    body: Incoming,
+    client_body_timeout: Duration,
+) -> Response<ProxyBody> {
+    let (global, chain) = (&snapshot.global, &route.chain);
+    let mut body = Some(body);
+    let answer = match request_phases(global, chain, &mut ctx, &mut body, client_body_timeout).await
+    {
+        Ok(None) => Answer::Upstream(forward(route, &mut ctx, body, client_body_timeout).await),
+        Ok(Some(reply)) => Answer::Plugin(reply),
+        Err(failure) => return failure.respond(&ctx.request_id),
+    };
+    response_phases(global, chain, &mut ctx, answer).await
+}
+
+enum Answer {
+    Upstream(Response<ProxyBody>),
+    Plugin(Reply),
+}
+
+/// rewrite, access, before_proxy; `Some` when a plugin answered.
+async fn request_phases(
+    global: &Chain,
+    chain: &Chain,
+    ctx: &mut Ctx,
+    body: &mut Option<Incoming>,
+    client_body_timeout: Duration,
+) -> Result<Option<Reply>, Failure> {
+    if global.reads_body() || chain.reads_body() {
+        read_body(ctx, body, client_body_timeout).await?;
+    }
+    if let Some(reply) = run_phase(Phase::Rewrite, global, chain, ctx).await {
+        return Ok(Some(reply));
+    }
+    // The consumer's own plugins joined during rewrite; they may read it too.
+    if ctx.consumer.as_ref().is_some_and(|c| c.chain.reads_body()) {
+        read_body(ctx, body, client_body_timeout).await?;
+    }
+    for phase in [Phase::Access, Phase::BeforeProxy] {
+        if let Some(reply) = run_phase(phase, global, chain, ctx).await {
+            return Ok(Some(reply));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the client's body into `ctx.body` (once), within
+/// [`MAX_BUFFERED_BODY`] and the client body timeout.
+async fn read_body(
+    ctx: &mut Ctx,
+    body: &mut Option<Incoming>,
+    client_body_timeout: Duration,
+) -> Result<(), Failure> {
+    let Some(incoming) = body.take() else {
+        return Ok(());
+    };
+    let declared = ctx
+        .header(CONTENT_LENGTH.as_str())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BUFFERED_BODY) {
+        return Err(Failure::TooLarge);
+    }
+    let timed = RequestBody::new(incoming, BodySent::done(), client_body_timeout);
+    match Limited::new(ProxyBody::Request(timed), MAX_BUFFERED_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => {
+            ctx.body = Some(collected.to_bytes());
+            Ok(())
+        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Failure::TooLarge),
+        Err(e) if e.is::<crate::body::ClientBodyTimeout>() => Err(Failure::ClientTimeout),
+        Err(e) => {
+            tracing::debug!(request_id = ?ctx.request_id, "reading the request body failed: {e}");
+            Err(Failure::BadRequest)
+        }
+    }
+}
+
+/// header_filter, body_filter (when a plugin asked for the body), log.
+async fn response_phases(
+    global: &Chain,
+    chain: &Chain,
+    ctx: &mut Ctx,
+    answer: Answer,
+) -> Response<ProxyBody> {
+    let (mut head, mut body) = match answer {
+        Answer::Upstream(resp) => {
+            let (parts, body) = resp.into_parts();
+            let head = Head {
+                status: parts.status,
+                headers: parts.headers,
+                body: None,
+            };
+            (head, Some(body))
+        }
+        Answer::Plugin(reply) => {
+            let mut head = Head::from(reply);
+            head.headers
+                .insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+            (head, None)
+        }
+    };
+    ctx.status = Some(head.status);
+    head.headers
+        .extend(std::mem::take(&mut ctx.response_headers));
+    let wants_body = run_header_filter(global, chain, ctx, &mut head);
+    if head.body.is_none() && wants_body {
+        if let Some(upstream) = body.take() {
+            match buffer(upstream, &head).await {
+                Buffered::Whole(mut bytes) => {
+                    run_body_filter(global, chain, ctx, &mut bytes);
+                    head.body = Some(bytes);
+                }
+                Buffered::TooLarge(unread) => body = Some(unread),
+                Buffered::Failed(reason) => {
+                    tracing::warn!(request_id = ?ctx.request_id, "response body for body_filter: {reason}");
+                    return Failure::BadGateway.respond(&ctx.request_id);
+                }
+            }
+        }
+    }
+    run_log(global, chain, ctx);
+    let body = match head.body {
+        Some(bytes) => {
+            head.headers.remove(TRANSFER_ENCODING);
+            head.headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            ProxyBody::full(bytes)
+        }
+        None => body.unwrap_or(ProxyBody::Empty),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    resp
+}
+
+enum Buffered {
+    Whole(Bytes),
+    /// Declared larger than the limit: streamed as it is, unfiltered.
+    TooLarge(ProxyBody),
+    Failed(String),
+}
+
+/// The upstream's body in memory for `body_filter`. A body that says it is
+/// larger than [`MAX_BUFFERED_BODY`] is handed back unread, to stream as it
+/// is; one that turns out larger while read (chunked, with no length) fails
+/// the response with 502, since its start is gone.
+async fn buffer(body: ProxyBody, head: &Head) -> Buffered {
+    let declared = head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BUFFERED_BODY) {
+        return Buffered::TooLarge(body);
+    }
+    match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+        Ok(c) => Buffered::Whole(c.to_bytes()),
+        Err(e) => Buffered::Failed(e.to_string()),
+    }
+}
