@@ -23,12 +23,13 @@
 # The report is printed and written to bench/out/proxy-<timestamp>.txt.
 # Exit status is non-zero if any run had non-2xx responses or socket errors.
 #
-# Adding a proxy variant (e.g. Turnpike with plugins on the route): write a
-# template like bench/turnpike.yaml.tmpl and add, next to the existing call in
-# main(),
-#     add_turnpike_variant "turnpike+plugins" "$BENCH_DIR/turnpike-plugins.yaml.tmpl"
-# Every variant gets its own ports and process and is interleaved with the
-# others in each round; every non-nginx proxy gets a ratio line against nginx.
+# Proxies: nginx, `turnpike` (plain route) and `turnpike+plugins` (the same
+# route with key-auth, proxy-rewrite and cors; bench/turnpike-plugins.yaml.tmpl).
+# More variants: write a template like bench/turnpike.yaml.tmpl and add an
+# `add_turnpike_variant NAME TEMPLATE` call in main(). Every variant gets its
+# own ports and process and is interleaved with the others in each round;
+# every non-nginx proxy gets a ratio line against nginx, and every
+# `turnpike+…` variant one against plain `turnpike`.
 
 set -euo pipefail
 
@@ -155,8 +156,10 @@ PY
 http_get() {
     python3 - "$1" <<'PY'
 import sys, urllib.request, urllib.error
+# The same headers wrk sends (WRK_HEADERS).
+req = urllib.request.Request(sys.argv[1], headers={"apikey": "bench-key", "Origin": "http://bench.example"})
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+    with urllib.request.urlopen(req, timeout=2) as r:
         print(r.status, len(r.read()))
 except urllib.error.HTTPError as e:
     print(e.code, len(e.read()))
@@ -347,12 +350,16 @@ parse_wrk() {
         }' "$1"
 }
 
+# Sent to every proxy alike: the plugins variant authenticates with the key
+# and answers CORS for the origin; the others ignore both.
+WRK_HEADERS=(-H "apikey: bench-key" -H "Origin: http://bench.example")
+
 # run_wrk OUTFILE CONNS DURATION URL
 run_wrk() {
     local out=$1 conns=$2 dur=$3 url=$4
     # Run in the background and `wait`, so a signal interrupts the run at once
     # (bash defers traps until a foreground child exits); cleanup stops it.
-    "${LOAD_PIN[@]}" "$WRK" -t1 -c"$conns" -d"$dur" --latency "$url" >"$out" 2>&1 &
+    "${LOAD_PIN[@]}" "$WRK" -t1 -c"$conns" -d"$dur" --latency "${WRK_HEADERS[@]}" "$url" >"$out" 2>&1 &
     WRK_PID=$!
     local rc=0
     wait "$WRK_PID" || rc=$?
@@ -412,6 +419,12 @@ summarize() {
                     if (pn[p] == "nginx" || !(key in n) || !(base in n)) continue
                     printf "%-10s  %-18s %12s %9s %9s\n", "", pn[p] "/nginx", sprintf("x%.3f", m_rps[key] / m_rps[base]), "", sprintf("x%.3f", m_p99[key] / m_p99[base])
                 }
+                plain = sc[s] SUBSEP "turnpike"
+                for (p = 1; p <= np; p++) {
+                    key = sc[s] SUBSEP pn[p]
+                    if (pn[p] !~ /^turnpike[+]/ || !(key in n) || !(plain in n)) continue
+                    printf "%-10s  %-18s %12s %9s %9s\n", "", pn[p] "/turnpike", sprintf("x%.3f", m_rps[key] / m_rps[plain]), "", sprintf("x%.3f", m_p99[key] / m_p99[plain])
+                }
             }
             print ""
             print "errors = non-2xx/3xx responses + socket errors, summed over rounds (must be 0)."
@@ -451,7 +464,7 @@ main() {
     start_nginx_proxy
     if [[ $NGINX_ONLY != 1 ]]; then
         add_turnpike_variant turnpike "$BENCH_DIR/turnpike.yaml.tmpl"
-        # add_turnpike_variant "turnpike+plugins" "$BENCH_DIR/turnpike-plugins.yaml.tmpl"
+        add_turnpike_variant "turnpike+plugins" "$BENCH_DIR/turnpike-plugins.yaml.tmpl"
     fi
 
     local results="$TMP/results.tsv" entry name path conns r i url out parsed

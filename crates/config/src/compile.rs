@@ -70,6 +70,7 @@ pub fn compile(
         routes,
         upstreams: c.upstreams,
         global,
+        consumers_read_bodies: consumers.values().any(|c| c.chain.reads_body()),
         consumers,
         warnings: c.warnings,
     })

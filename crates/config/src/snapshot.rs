@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub global: Chain,
     /// Consumers by username.
     pub consumers: HashMap<Arc<str>, Arc<Consumer>>,
+    /// Some consumer has a plugin that reads request bodies.
+    pub consumers_read_bodies: bool,
     /// Unknown fields and unsupported settings that were ignored.
     pub warnings: Vec<String>,
 }
@@ -42,6 +44,7 @@ impl Snapshot {
             upstreams: HashMap::new(),
             global: Chain::default(),
             consumers: HashMap::new(),
+            consumers_read_bodies: false,
             warnings: Vec::new(),
         }
     }

@@ -38,16 +38,23 @@ impl Entry {
 #[derive(Clone, Default, Debug)]
 pub struct Chain {
     entries: Arc<[Entry]>,
-    reads_body: bool,
+    /// Plugins switched off with `_meta.disable`: kept by name so a
+    /// consumer's disable still wins over the route's config.
+    disabled: Arc<[&'static str]>,
 }
 
 impl Chain {
     pub fn new(mut entries: Vec<Entry>) -> Chain {
+        let disabled = entries
+            .iter()
+            .filter(|e| e.disabled)
+            .map(|e| e.name)
+            .collect();
         entries.retain(|e| !e.disabled);
         entries.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));
         Chain {
-            reads_body: entries.iter().any(|e| e.plugin.reads_request_body()),
             entries: entries.into(),
+            disabled,
         }
     }
 
@@ -74,13 +81,14 @@ impl Chain {
         &self.entries
     }
 
-    /// Whether some plugin here reads the request body.
+    /// Whether some plugin here reads request bodies.
     pub fn reads_body(&self) -> bool {
-        self.reads_body
+        self.entries.iter().any(|e| e.plugin.reads_request_body())
     }
 
+    /// Whether the chain configures `name`, switched on or off.
     fn has(&self, name: &str) -> bool {
-        self.entries.iter().any(|e| e.name == name)
+        self.entries.iter().any(|e| e.name == name) || self.disabled.contains(&name)
     }
 }
 
@@ -136,12 +144,16 @@ async fn run_entry(phase: Phase, e: &Entry, ctx: &mut Ctx) -> Option<Reply> {
 
 /// Walks the route's chain and the consumer's together by priority. The
 /// consumer may become known part-way (authentication runs in `rewrite`);
-/// its plugins then join from below the priority reached so far.
+/// its plugins then join at once, as APISIX's `rewrite_in_consumer` does:
+/// those ranked above the point reached run next, except where the route's
+/// own config of the same plugin has already run in this phase.
 struct Order {
     route: Chain,
     consumer: Option<Chain>,
     i: usize,
     j: usize,
+    /// The priority of the last plugin run before the consumer joined.
+    joined_at: i32,
     last: i32,
 }
 
@@ -152,6 +164,7 @@ impl Order {
             consumer: consumer_chain(ctx),
             i: 0,
             j: 0,
+            joined_at: i32::MAX,
             last: i32::MAX,
         }
     }
@@ -159,16 +172,19 @@ impl Order {
     fn next(&mut self, ctx: &Ctx) -> Option<Entry> {
         if self.consumer.is_none() {
             if let Some(chain) = consumer_chain(ctx) {
-                let last = self.last;
-                self.j = chain
-                    .entries
-                    .iter()
-                    .position(|e| e.priority < last)
-                    .unwrap_or(chain.entries.len());
+                self.joined_at = self.last;
                 self.consumer = Some(chain);
             }
         }
         let consumer = self.consumer.as_ref();
+        while let Some(c) = consumer.and_then(|c| c.entries.get(self.j)) {
+            let ran = c.priority >= self.joined_at && self.route.has(c.name);
+            if ran {
+                self.j += 1;
+            } else {
+                break;
+            }
+        }
         while let Some(e) = self.route.entries.get(self.i) {
             if consumer.is_some_and(|c| c.has(e.name)) {
                 self.i += 1;
@@ -201,7 +217,7 @@ impl Order {
 fn consumer_chain(ctx: &Ctx) -> Option<Chain> {
     ctx.consumer
         .as_ref()
-        .filter(|c| !c.chain.is_empty())
+        .filter(|c| !c.chain.is_empty() || !c.chain.disabled.is_empty())
         .map(|c| c.chain.clone())
 }
 
@@ -353,12 +369,13 @@ mod tests {
             .is_none());
         assert_eq!(
             taken(&log),
-            // consumer-early (5000) ranks above auth but the consumer is not
-            // known yet in this phase; the consumer's limit replaces the route's.
+            // consumer-early (5000) ranks above auth: it runs as soon as the
+            // consumer is known; the consumer's limit replaces the route's.
             [
                 "global:rewrite",
                 "high:rewrite",
                 "auth:rewrite",
+                "consumer-early:rewrite",
                 "consumer-limit:rewrite",
                 "low:rewrite"
             ]
@@ -379,6 +396,29 @@ mod tests {
         );
         run_log(&global, &route, &mut c);
         assert_eq!(taken(&log).len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_can_switch_off_a_route_plugin() {
+        let log: Log = Default::default();
+        let off = Entry {
+            disabled: true,
+            ..entry("limit", 1000, "consumer-limit", &log)
+        };
+        let consumer = Arc::new(Consumer {
+            username: "jack".into(),
+            header: HeaderValue::from_static("jack"),
+            group_id: None,
+            chain: Chain::new(vec![off]),
+        });
+        let route = Chain::new(vec![
+            entry("limit", 1000, "route-limit", &log),
+            entry("low", 1, "low", &log),
+        ]);
+        let mut c = ctx("/");
+        c.consumer = Some(consumer);
+        run_phase(Phase::Access, &Chain::default(), &route, &mut c).await;
+        assert_eq!(taken(&log), ["low:access"]);
     }
 
     #[tokio::test]

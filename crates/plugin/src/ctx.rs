@@ -138,7 +138,7 @@ impl Ctx {
             .unwrap_or_else(|| self.req.uri.path())
     }
 
-    /// The client's host without port, as sent.
+    /// The client's `Host` as sent, port included (see [`host_only`]).
     pub fn host_str(&self) -> &str {
         self.host
             .as_ref()
@@ -168,33 +168,66 @@ impl Ctx {
 
     /// Expands `$name` and `${name}` with request variables; unknown or
     /// unset variables expand to nothing, as in nginx.
+    /// Configs check their templates with [`check_template`] at load, so
+    /// an unknown name here was refused before it could reach a request.
     pub fn expand(&self, template: &str) -> String {
         let mut out = String::with_capacity(template.len());
-        let mut rest = template;
-        while let Some(at) = rest.find('$') {
-            out.push_str(&rest[..at]);
-            let after = &rest[at + 1..];
-            let (name, tail) = if let Some(inner) = after.strip_prefix('{') {
-                match inner.find('}') {
-                    Some(end) => (&inner[..end], &inner[end + 1..]),
-                    None => ("", after),
+        scan(template, |piece| match piece {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Var(name) => {
+                if let Ok(var) = Var::parse(name) {
+                    out.push_str(&self.var(&var).unwrap_or_default());
                 }
-            } else {
-                let end = after
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(after.len());
-                (&after[..end], &after[end..])
-            };
-            if name.is_empty() {
-                out.push('$');
-            } else if let Ok(var) = Var::parse(name) {
-                out.push_str(&self.var(&var).unwrap_or_default());
             }
-            rest = tail;
-        }
-        out.push_str(rest);
+        });
         out
     }
+}
+
+/// Checks that every `$name` in a template is a known variable.
+pub fn check_template(template: &str) -> Result<(), String> {
+    let mut error = None;
+    scan(template, |piece| {
+        if let Piece::Var(name) = piece {
+            if let Err(e) = Var::parse(name) {
+                error.get_or_insert(e);
+            }
+        }
+    });
+    error.map_or(Ok(()), Err)
+}
+
+enum Piece<'a> {
+    Text(&'a str),
+    Var(&'a str),
+}
+
+/// Splits a template into text and `$name` / `${name}` variables; a `$`
+/// followed by no name is text.
+fn scan<'a>(template: &'a str, mut each: impl FnMut(Piece<'a>)) {
+    let mut rest = template;
+    while let Some(at) = rest.find('$') {
+        each(Piece::Text(&rest[..at]));
+        let after = &rest[at + 1..];
+        let (name, tail) = if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                Some(end) => (&inner[..end], &inner[end + 1..]),
+                None => ("", after),
+            }
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        if name.is_empty() {
+            each(Piece::Text("$"));
+        } else {
+            each(Piece::Var(name));
+        }
+        rest = tail;
+    }
+    each(Piece::Text(rest));
 }
 
 impl VarSource for Ctx {
@@ -268,6 +301,12 @@ mod tests {
             "/a/b|1|ann|example.com||$|${"
         );
         assert_eq!(c.expand("v=$remote_addr;"), "v=10.0.0.1;");
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        assert!(check_template("/u/$arg_id/${remote_addr}$").is_ok());
+        assert!(check_template("/u/$nope").unwrap_err().contains("nope"));
     }
 
     #[test]

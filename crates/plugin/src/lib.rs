@@ -42,15 +42,15 @@ mod registry;
 mod schema;
 
 pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase};
-pub use ctx::{host_only, Conn, Consumer, Ctx};
+pub use ctx::{check_template, host_only, Conn, Consumer, Ctx};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::fill_defaults;
 
 /// The most a plugin may make Turnpike hold of a request or response body
-/// in memory (request-validation, body-transformer, response-rewrite's
-/// filters). A larger request body is refused with 413; a larger response
-/// body passes through unchanged.
+/// in memory (request-validation, body-transformer, forward-auth's POST).
+/// A larger request body is refused with 413; a response body declared
+/// larger passes through unchanged.
 pub const MAX_BUFFERED_BODY: usize = 8 * 1024 * 1024;
 
 /// A plugin instance: one per plugin per resource, built from a validated,
@@ -98,8 +98,8 @@ pub trait Plugin: Send + Sync + 'static {
     /// accounting. By default this hook does nothing.
     fn log(&self, _ctx: &Ctx) {}
 
-    /// Whether the request body must be read into [`Ctx::body`] before the
-    /// rewrite phase. By default it is streamed and not seen by plugins.
+    /// Whether requests' bodies must be read into [`Ctx::body`] before the
+    /// rewrite phase. By default they stream and plugins do not see them.
     fn reads_request_body(&self) -> bool {
         false
     }

@@ -212,10 +212,13 @@ impl Registry {
 
     /// Builds every authentication plugin's credential lookup from the
     /// consumers' credentials: `(plugin, [(consumer, checked credential)])`.
+    /// A plugin whose credentials do not fit gets an empty lookup beside
+    /// the error, so its mistake is reported once, not again at every route
+    /// that uses the plugin.
     pub fn indexes(
         &self,
         mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
-    ) -> Result<Env, Vec<CredentialError>> {
+    ) -> (Env, Vec<CredentialError>) {
         let mut env = Env::default();
         let mut errors = Vec::new();
         for known in &self.plugins {
@@ -227,14 +230,15 @@ impl Registry {
                 Ok(index) => {
                     env.indexes.insert(known.factory.name, index);
                 }
-                Err((i, e)) => errors.push((list[i].0.clone(), known.factory.name, e)),
+                Err((i, e)) => {
+                    errors.push((list[i].0.clone(), known.factory.name, e));
+                    if let Ok(empty) = build(&[]) {
+                        env.indexes.insert(known.factory.name, empty);
+                    }
+                }
             }
         }
-        if errors.is_empty() {
-            Ok(env)
-        } else {
-            Err(errors)
-        }
+        (env, errors)
     }
 
     fn known(&self, name: &str) -> Result<&Known, Vec<FieldError>> {

@@ -28,7 +28,8 @@ fn consumer_schema() -> Value {
             "username": {"type": "string", "minLength": 1},
             "password": {"type": "string"}
         },
-        "required": ["username", "password"]
+        "required": ["username", "password"],
+        "additionalProperties": false
     })
 }
 

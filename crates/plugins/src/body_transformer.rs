@@ -90,6 +90,13 @@ pub(crate) fn factory() -> Factory {
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
+    for (side, ops) in [("request", &c.request), ("response", &c.response)] {
+        for (k, v) in ops.iter().flat_map(|o| o.add.iter()) {
+            if let Value::String(s) = v {
+                crate::template(s, &format!("{side}.add.{k}"))?;
+            }
+        }
+    }
     Ok(Arc::new(BodyTransformer {
         request: c.request,
         response: c.response,
@@ -99,7 +106,12 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 
 fn is_json(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|t| {
-        let t = t.split(';').next().unwrap_or_default().trim();
+        let t = t
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
         t == "application/json" || t.ends_with("+json")
     })
 }
@@ -196,7 +208,9 @@ impl Plugin for BodyTransformer {
 
     fn wants_response_body(&self, _ctx: &Ctx, head: &Head) -> bool {
         let content_type = head.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        self.response.is_some() && is_json(content_type)
+        // A compressed body is left alone: Turnpike does not decompress.
+        let encoded = head.headers.contains_key(http::header::CONTENT_ENCODING);
+        self.response.is_some() && is_json(content_type) && !encoded
     }
 
     fn body_filter(&self, ctx: &mut Ctx, body: &mut Bytes) {

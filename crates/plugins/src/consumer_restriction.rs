@@ -23,13 +23,15 @@ fn schema() -> Value {
             "rejected_msg": {"type": "string"},
             "allowed_by_methods": {
                 "type": "array",
+                "minItems": 1,
                 "items": {
                     "type": "object",
                     "properties": {
                         "user": {"type": "string"},
                         "methods": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"]}}
                     },
-                    "required": ["user", "methods"]
+                    "required": ["user", "methods"],
+                    "additionalProperties": false
                 }
             }
         },
@@ -109,10 +111,11 @@ impl ConsumerRestriction {
 impl Plugin for ConsumerRestriction {
     fn access(&self, ctx: &mut Ctx) -> Flow {
         let Some(subject) = self.subject(ctx) else {
-            return Flow::Respond(Reply::message(
-                StatusCode::UNAUTHORIZED,
-                "Missing authentication or identity verification.",
-            ));
+            let text = match self.conf.r#type.as_str() {
+                "consumer_name" => "Missing authentication or identity verification.".to_owned(),
+                t => format!("The request is rejected, please check the {t} for this request"),
+            };
+            return Flow::Respond(Reply::message(StatusCode::UNAUTHORIZED, &text));
         };
         let listed = |l: &Option<Vec<String>>| l.as_ref().map(|l| l.iter().any(|x| x == subject));
         if listed(&self.conf.blacklist) == Some(true) || listed(&self.conf.whitelist) == Some(false)

@@ -148,6 +148,13 @@ impl ForwardAuth {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         let h = req.headers_mut();
+        for name in &self.request_headers {
+            if let Some(v) = ctx.req.headers.get(name) {
+                h.insert(name.clone(), v.clone());
+            }
+        }
+        // Set last: a client never chooses what the auth service is told
+        // about the request.
         let text = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         h.insert(
             "x-forwarded-proto",
@@ -158,11 +165,6 @@ impl ForwardAuth {
         let uri = ctx.req.uri.path_and_query().map_or("/", |pq| pq.as_str());
         h.insert("x-forwarded-uri", text(uri));
         h.insert("x-forwarded-for", ctx.conn.remote_ip.clone());
-        for name in &self.request_headers {
-            if let Some(v) = ctx.req.headers.get(name) {
-                h.insert(name.clone(), v.clone());
-            }
-        }
         req
     }
 }
@@ -176,11 +178,15 @@ async fn ask(
     let exchange = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_AUTH_BODY)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        if parts.status.is_success() {
+            return Ok((parts, Bytes::new()));
+        }
+        // A refusal stays a refusal whatever its body: one too large to
+        // pass on goes to the client without it.
+        let body = match Limited::new(body, MAX_AUTH_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
         Ok::<_, String>((parts, body))
     };
     let (parts, body) = match tokio::time::timeout(timeout, exchange).await {

@@ -39,9 +39,14 @@ impl HeaderOps {
         let Some(Value::Object(map)) = value else {
             return Ok(ops);
         };
-        let structured = map
-            .keys()
-            .all(|k| matches!(k.as_str(), "add" | "set" | "remove"));
+        let ops_named = |k: &String| matches!(k.as_str(), "add" | "set" | "remove");
+        let structured = map.keys().any(ops_named);
+        if let Some(other) = map.keys().find(|k| structured && !ops_named(k)) {
+            return Err(FieldError::new(
+                format!("{path}.{other}"),
+                "unknown field (known: add, set, remove)",
+            ));
+        }
         if !structured {
             for (k, v) in map {
                 let name = name(k, &format!("{path}.{k}"))?;
@@ -110,6 +115,7 @@ fn text(v: &Value, path: &str) -> Result<Text, FieldError> {
         _ => return Err(FieldError::new(path, "must be a string or a number")),
     };
     if s.contains('$') {
+        crate::template(&s, path)?;
         return Ok(Text::Template(s));
     }
     HeaderValue::from_str(&s)
@@ -148,6 +154,16 @@ mod tests {
         ops.apply(&c, &mut h);
         assert_eq!(h["x-a"], "1");
         assert!(!h.contains_key("x-b"));
+    }
+
+    #[test]
+    fn typos_and_unknown_variables_are_named() {
+        let e = HeaderOps::parse(Some(&json!({"set": {"a": "1"}, "remov": ["b"]})), "headers")
+            .unwrap_err();
+        assert_eq!(e.path, "headers.remov");
+        let e =
+            HeaderOps::parse(Some(&json!({"set": {"a": "$remote_adr"}})), "headers").unwrap_err();
+        assert_eq!(e.path, "headers.set.a");
     }
 
     #[test]

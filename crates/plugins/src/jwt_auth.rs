@@ -25,9 +25,9 @@ fn schema() -> Value {
     json!({
         "type": "object",
         "properties": {
-            "header": {"type": "string", "default": "authorization"},
-            "query": {"type": "string", "default": "jwt"},
-            "cookie": {"type": "string", "default": "jwt"},
+            "header": {"type": "string", "minLength": 1, "default": "authorization"},
+            "query": {"type": "string", "minLength": 1, "default": "jwt"},
+            "cookie": {"type": "string", "minLength": 1, "default": "jwt"},
             "hide_credentials": {"type": "boolean", "default": false},
             "key_claim_name": {"type": "string", "minLength": 1, "default": "key"}
         },
@@ -47,7 +47,8 @@ fn consumer_schema() -> Value {
             "base64_secret": {"type": "boolean", "default": false},
             "lifetime_grace_period": {"type": "integer", "minimum": 0, "default": 0}
         },
-        "required": ["key"]
+        "required": ["key"],
+        "additionalProperties": false
     })
 }
 
@@ -96,8 +97,10 @@ pub(crate) fn factory() -> Factory {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    let conf: Config = typed(config)?;
+    crate::header_name(&conf.header, "header")?;
     Ok(Arc::new(JwtAuth {
-        conf: typed(config)?,
+        conf,
         keys: env.index(NAME)?,
     }))
 }
@@ -416,7 +419,7 @@ mod tests {
             .check_credential(NAME, &json!({"key": "k", "algorithm": "RS256"}))
             .unwrap();
         all.insert(NAME, vec![(consumer("x"), cred)]);
-        let errs = r.indexes(all).err().unwrap();
+        let (_, errs) = r.indexes(all);
         assert_eq!(errs[0].2.path, "public_key");
     }
 }

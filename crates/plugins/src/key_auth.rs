@@ -28,7 +28,8 @@ fn consumer_schema() -> Value {
     json!({
         "type": "object",
         "properties": {"key": {"type": "string", "minLength": 1}},
-        "required": ["key"]
+        "required": ["key"],
+        "additionalProperties": false
     })
 }
 
@@ -59,8 +60,10 @@ pub(crate) fn factory() -> Factory {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    let conf: Config = typed(config)?;
+    crate::header_name(&conf.header, "header")?;
     Ok(Arc::new(KeyAuth {
-        conf: typed(config)?,
+        conf,
         keys: env.index(NAME)?,
     }))
 }
@@ -79,27 +82,34 @@ fn credentials(list: &[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldEr
     Ok(Arc::new(Keys(keys)))
 }
 
+impl KeyAuth {
+    /// The consumer the request's key belongs to, and whether the key came
+    /// in the header; `Err` is the 401 to answer.
+    fn consumer(&self, ctx: &Ctx) -> Result<(Arc<Consumer>, bool), &'static str> {
+        let found = |key: &str| self.keys.0.get(key).cloned();
+        if let Some(key) = ctx.header(&self.conf.header) {
+            return found(key)
+                .map(|c| (c, true))
+                .ok_or("Invalid API key in request");
+        }
+        match ctx.query_arg(&self.conf.query) {
+            Some(key) => found(&key)
+                .map(|c| (c, false))
+                .ok_or("Invalid API key in request"),
+            None => Err("Missing API key in request"),
+        }
+    }
+}
+
 impl Plugin for KeyAuth {
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
-        let (key, from_header) = match ctx.header(&self.conf.header) {
-            Some(k) => (k.to_owned(), true),
-            None => match ctx.query_arg(&self.conf.query) {
-                Some(k) => (k.into_owned(), false),
-                None => {
-                    return Flow::Respond(Reply::message(
-                        StatusCode::UNAUTHORIZED,
-                        "Missing API key in request",
-                    ))
-                }
-            },
+        let (consumer, from_header) = match self.consumer(ctx) {
+            Ok(found) => found,
+            Err(message) => {
+                return Flow::Respond(Reply::message(StatusCode::UNAUTHORIZED, message))
+            }
         };
-        let Some(consumer) = self.keys.0.get(&key) else {
-            return Flow::Respond(Reply::message(
-                StatusCode::UNAUTHORIZED,
-                "Invalid API key in request",
-            ));
-        };
-        ctx.consumer = Some(consumer.clone());
+        ctx.consumer = Some(consumer);
         if self.conf.hide_credentials {
             if from_header {
                 ctx.req.headers.remove(self.conf.header.as_str());
@@ -173,7 +183,7 @@ mod tests {
         ];
         let mut all = HashMap::new();
         all.insert(NAME, list);
-        let errs = r.indexes(all).err().unwrap();
+        let (_, errs) = r.indexes(all);
         assert_eq!(&*errs[0].0.username, "b");
         assert!(errs[0].2.message.contains("duplicate"));
     }

@@ -58,11 +58,30 @@ pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Checks a configured header name, so a typo is refused at load rather
+/// than never matching.
+pub(crate) fn header_name(
+    name: &str,
+    field: &str,
+) -> Result<http::HeaderName, turnpike_plugin::FieldError> {
+    http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        turnpike_plugin::FieldError::new(field, format!("`{name}` is not a valid header name"))
+    })
+}
+
+/// Checks a `$variable` template from a config, naming the field.
+pub(crate) fn template(text: &str, field: &str) -> Result<(), turnpike_plugin::FieldError> {
+    turnpike_plugin::check_template(text).map_err(|e| turnpike_plugin::FieldError::new(field, e))
+}
+
 /// A query string without the argument `name` (for `hide_credentials`).
 pub(crate) fn without_arg(query: &str, name: &str) -> String {
     query
         .split('&')
-        .filter(|pair| pair.split('=').next() != Some(name))
+        .filter(|pair| {
+            let raw = pair.split('=').next().unwrap_or_default();
+            turnpike_router::decode_component(raw) != name
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -107,6 +126,39 @@ mod tests {
         assert_eq!(seen.len(), factories().len());
     }
 
+    /// docs/plugins/README.md lists every plugin with its priority, and
+    /// each has its own page.
+    #[test]
+    fn docs_table_matches_the_registry() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/plugins");
+        let table = std::fs::read_to_string(docs.join("README.md")).unwrap();
+        let mut listed: Vec<(String, i32)> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| ["))
+            .map(|l| {
+                let name = l.split(']').next().unwrap().to_owned();
+                let priority = l.split('|').nth(1).unwrap().trim().parse().unwrap();
+                (name, priority)
+            })
+            .collect();
+        let mut shipped: Vec<(String, i32)> = factories()
+            .iter()
+            .map(|f| (f.name.to_owned(), f.priority))
+            .collect();
+        listed.sort();
+        shipped.sort();
+        assert_eq!(
+            listed, shipped,
+            "docs/plugins/README.md and the registry disagree"
+        );
+        for (name, _) in &shipped {
+            assert!(
+                docs.join(format!("{name}.md")).exists(),
+                "docs/plugins/{name}.md is missing"
+            );
+        }
+    }
+
     #[test]
     fn secrets_compare() {
         assert!(same_secret(b"abc", b"abc"));
@@ -119,5 +171,6 @@ mod tests {
         assert_eq!(without_arg("apikey=1&a=2", "apikey"), "a=2");
         assert_eq!(without_arg("a=2&apikey", "apikey"), "a=2");
         assert_eq!(without_arg("apikey=1", "apikey"), "");
+        assert_eq!(without_arg("api%6Bey=1&b=2", "apikey"), "b=2");
     }
 }

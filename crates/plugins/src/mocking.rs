@@ -18,7 +18,7 @@ fn schema() -> Value {
         "type": "object",
         "properties": {
             "delay": {"type": "integer", "minimum": 0, "default": 0},
-            "response_status": {"type": "integer", "minimum": 100, "maximum": 599, "default": 200},
+            "response_status": {"type": "integer", "minimum": 200, "maximum": 599, "default": 200},
             "content_type": {"type": "string", "default": "application/json;charset=utf8"},
             "response_example": {"type": "string"},
             "response_schema": {"type": "object"},

@@ -119,7 +119,13 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         })
         .transpose()?;
     Ok(Arc::new(ProxyRewrite {
-        uri: c.uri,
+        uri: match c.uri {
+            Some(uri) => {
+                crate::template(&uri, "uri")?;
+                Some(uri)
+            }
+            None => None,
+        },
         regex,
         method: c
             .method

@@ -26,7 +26,6 @@ fn schema() -> Value {
             "encode_uri": {"type": "boolean", "default": false},
             "append_query_string": {"type": "boolean", "default": false}
         },
-        "oneOf": [{"required": ["uri"]}, {"required": ["regex_uri"]}, {"required": ["http_to_https"]}],
         "additionalProperties": false
     })
 }
@@ -63,6 +62,17 @@ pub(crate) fn factory() -> Factory {
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
+    let to_https = c.http_to_https == Some(true);
+    let targets = [to_https, c.uri.is_some(), c.regex_uri.is_some()];
+    if targets.iter().filter(|&&t| t).count() != 1 {
+        return Err(FieldError::new(
+            "",
+            "set exactly one of `uri`, `regex_uri` and `http_to_https: true`",
+        ));
+    }
+    if let Some(uri) = &c.uri {
+        crate::template(uri, "uri")?;
+    }
     Ok(Arc::new(Redirect {
         to_https: c.http_to_https.unwrap_or(false),
         regex: regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri")?,
@@ -82,14 +92,28 @@ impl Redirect {
             }
             let pq = ctx.req.uri.path_and_query().map_or("/", |pq| pq.as_str());
             let host = host_only(ctx.host_str());
-            return Some((StatusCode::MOVED_PERMANENTLY, format!("https://{host}{pq}")));
+            // As APISIX: 301 for GET and HEAD, 308 (method kept) otherwise.
+            let status = match ctx.req.method {
+                http::Method::GET | http::Method::HEAD => StatusCode::MOVED_PERMANENTLY,
+                _ => StatusCode::PERMANENT_REDIRECT,
+            };
+            return Some((status, format!("https://{host}{pq}")));
         }
         let mut to = match &self.uri {
             Some(uri) => ctx.expand(uri),
             None => regex_rewrite(&self.regex, ctx.path())?,
         };
         if self.encode {
-            to = turnpike_router::encode_path(&to).into_owned();
+            // Only the path: a query in the target stays as written.
+            let (path, query) = to
+                .split_once('?')
+                .map_or((&to[..], None), |(p, q)| (p, Some(q)));
+            let mut encoded = turnpike_router::encode_path(path).into_owned();
+            if let Some(q) = query {
+                encoded.push('?');
+                encoded.push_str(q);
+            }
+            to = encoded;
         }
         if self.append_query {
             if let Some(q) = ctx.req.uri.query().filter(|q| !q.is_empty()) {
@@ -103,6 +127,12 @@ impl Redirect {
 
 impl Plugin for Redirect {
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
+        if self.to_https && ctx.host_str().is_empty() {
+            return Flow::Respond(Reply::message(
+                StatusCode::BAD_REQUEST,
+                "a request without a Host cannot be redirected to HTTPS",
+            ));
+        }
         let Some((status, to)) = self.target(ctx) else {
             return Flow::Continue;
         };
@@ -157,6 +187,17 @@ mod tests {
             (302, "/posts/42".to_owned())
         );
         assert!(location(conf, "/other").is_none());
+    }
+
+    #[test]
+    fn to_https_keeps_the_method_for_posts_and_encoding_spares_the_query() {
+        let e = entry(NAME, json!({"http_to_https": true}));
+        let r = run_now(Phase::Rewrite, &e, &mut request(http::Request::post("/a"))).unwrap();
+        assert_eq!(r.status, 308);
+        let conf = json!({"uri": "/a b?x=1", "encode_uri": true, "append_query_string": true});
+        assert_eq!(location(conf, "/old?y=2").unwrap().1, "/a%20b?x=1&y=2");
+        assert!(!errors(NAME, json!({"uri": "/$nope"})).is_empty());
+        assert!(location(json!({"uri": "/a", "http_to_https": false}), "/").is_some());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply};
+use turnpike_router::decode_component;
 
 pub(crate) const NAME: &str = "request-validation";
 pub(crate) const PRIORITY: i32 = 2800;
@@ -95,27 +96,22 @@ fn body_value(ctx: &Ctx) -> Result<Value, String> {
     if body.is_empty() {
         return Ok(Value::Null);
     }
-    let form = ctx
-        .header(CONTENT_TYPE.as_str())
-        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+    let form = ctx.header(CONTENT_TYPE.as_str()).is_some_and(|t| {
+        t.to_ascii_lowercase()
+            .starts_with("application/x-www-form-urlencoded")
+    });
     if form {
         let text =
             std::str::from_utf8(body).map_err(|_| "the form body is not UTF-8".to_owned())?;
         let mut map = Map::new();
         for pair in text.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            map.insert(decode_form(k), Value::String(decode_form(v)));
+            let value = Value::String(decode_component(v).into_owned());
+            map.entry(decode_component(k).into_owned()).or_insert(value);
         }
         return Ok(Value::Object(map));
     }
     serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
-}
-
-fn decode_form(s: &str) -> String {
-    let spaced = s.replace('+', " ");
-    turnpike_router::query_arg(&format!("x={spaced}"), "x")
-        .map(|c| c.into_owned())
-        .unwrap_or(spaced)
 }
 
 impl RequestValidation {

@@ -88,6 +88,11 @@ pub(crate) fn env(plugin: &str, creds: &[(&str, Value)]) -> Env {
         .collect();
     let mut all = std::collections::HashMap::new();
     all.insert(plugin, list);
-    r.indexes(all)
-        .unwrap_or_else(|e| panic!("{:?}", e.iter().map(|x| &x.2).collect::<Vec<_>>()))
+    let (env, errors) = r.indexes(all);
+    assert!(
+        errors.is_empty(),
+        "{:?}",
+        errors.iter().map(|x| &x.2).collect::<Vec<_>>()
+    );
+    env
 }

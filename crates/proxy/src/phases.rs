@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::Response;
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, LAST_MODIFIED,
+    TRANSFER_ENCODING, VARY,
+};
+use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use turnpike_config::{Route, Snapshot};
@@ -32,7 +35,16 @@ pub(crate) async fn serve(
 ) -> Response<ProxyBody> {
     let (global, chain) = (&snapshot.global, &route.chain);
     let mut body = Some(body);
-    let answer = match request_phases(global, chain, &mut ctx, &mut body, client_body_timeout).await
+    let reads = snapshot.consumers_read_bodies;
+    let answer = match request_phases(
+        global,
+        chain,
+        reads,
+        &mut ctx,
+        &mut body,
+        client_body_timeout,
+    )
+    .await
     {
         Ok(None) => Answer::Upstream(forward(route, &mut ctx, body, client_body_timeout).await),
         Ok(Some(reply)) => Answer::Plugin(reply),
@@ -50,19 +62,18 @@ enum Answer {
 async fn request_phases(
     global: &Chain,
     chain: &Chain,
+    consumers_read_bodies: bool,
     ctx: &mut Ctx,
     body: &mut Option<Incoming>,
     client_body_timeout: Duration,
 ) -> Result<Option<Reply>, Failure> {
-    if global.reads_body() || chain.reads_body() {
+    // A consumer's plugins join right after authentication, in rewrite, so
+    // if any consumer has one that reads bodies, bodies are read up front.
+    if global.reads_body() || chain.reads_body() || consumers_read_bodies {
         read_body(ctx, body, client_body_timeout).await?;
     }
     if let Some(reply) = run_phase(Phase::Rewrite, global, chain, ctx).await {
         return Ok(Some(reply));
-    }
-    // The consumer's own plugins joined during rewrite; they may read it too.
-    if ctx.consumer.as_ref().is_some_and(|c| c.chain.reads_body()) {
-        read_body(ctx, body, client_body_timeout).await?;
     }
     for phase in [Phase::Access, Phase::BeforeProxy] {
         if let Some(reply) = run_phase(phase, global, chain, ctx).await {
@@ -130,11 +141,11 @@ async fn response_phases(
             (head, None)
         }
     };
+    let from_upstream = body.is_some();
     ctx.status = Some(head.status);
-    head.headers
-        .extend(std::mem::take(&mut ctx.response_headers));
+    add_headers(&mut head.headers, std::mem::take(&mut ctx.response_headers));
     let wants_body = run_header_filter(global, chain, ctx, &mut head);
-    if head.body.is_none() && wants_body {
+    if head.body.is_none() && wants_body && may_have_body(ctx, head.status) {
         if let Some(upstream) = body.take() {
             match buffer(upstream, &head).await {
                 Buffered::Whole(mut bytes) => {
@@ -152,6 +163,13 @@ async fn response_phases(
     run_log(global, chain, ctx);
     let body = match head.body {
         Some(bytes) => {
+            if from_upstream {
+                // The upstream's validators and encoding describe a body
+                // the client no longer gets.
+                for name in [CONTENT_ENCODING, ETAG, LAST_MODIFIED] {
+                    head.headers.remove(name);
+                }
+            }
             head.headers.remove(TRANSFER_ENCODING);
             head.headers
                 .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -163,6 +181,38 @@ async fn response_phases(
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     resp
+}
+
+/// Plugins' response headers over the upstream's: each replaces the
+/// upstream's header of that name, except `Vary`, which is added to.
+fn add_headers(headers: &mut HeaderMap, extra: HeaderMap) {
+    // Further values of the same name come with no name.
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in extra {
+        match name {
+            Some(name) => {
+                if name == VARY {
+                    headers.append(&name, value);
+                } else {
+                    headers.insert(&name, value);
+                }
+                current = Some(name);
+            }
+            None => {
+                if let Some(name) = &current {
+                    headers.append(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a response to this request may carry a body at all.
+fn may_have_body(ctx: &Ctx, status: StatusCode) -> bool {
+    ctx.req.method != Method::HEAD
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
 }
 
 enum Buffered {
@@ -188,5 +238,27 @@ async fn buffer(body: ProxyBody, head: &Head) -> Buffered {
     match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
         Ok(c) => Buffered::Whole(c.to_bytes()),
         Err(e) => Buffered::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_headers_replace_the_upstreams_but_vary_adds_up() {
+        let mut upstream = HeaderMap::new();
+        upstream.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+        upstream.insert("x-a", HeaderValue::from_static("up"));
+        let mut extra = HeaderMap::new();
+        extra.insert(VARY, HeaderValue::from_static("Origin"));
+        extra.insert("x-a", HeaderValue::from_static("plugin"));
+        extra.append("x-b", HeaderValue::from_static("1"));
+        extra.append("x-b", HeaderValue::from_static("2"));
+        add_headers(&mut upstream, extra);
+        let vary: Vec<_> = upstream.get_all(VARY).iter().collect();
+        assert_eq!(vary, ["Accept-Encoding", "Origin"]);
+        assert_eq!(upstream["x-a"], "plugin");
+        assert_eq!(upstream.get_all("x-b").iter().count(), 2);
     }
 }

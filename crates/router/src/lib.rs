@@ -37,7 +37,7 @@ use serde_json::Value;
 
 pub use expr::{parse_cidr, Expr};
 pub use path::{encode as encode_path, normalize as normalize_path, PathError};
-pub use var::{cookie, query_arg, Var, VarSource};
+pub use var::{cookie, decode_component, query_arg, Var, VarSource};
 
 use trie::Trie;
 

@@ -132,7 +132,8 @@ pub fn cookie<'c>(header: &'c str, name: &str) -> Option<&'c str> {
     })
 }
 
-fn decode_component(s: &str) -> Cow<'_, str> {
+/// A query argument's name or value decoded: `+` is a space, `%XX` a byte.
+pub fn decode_component(s: &str) -> Cow<'_, str> {
     if !s.contains(['%', '+']) {
         return Cow::Borrowed(s);
     }

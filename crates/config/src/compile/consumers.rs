@@ -63,14 +63,11 @@ impl<'p> Compiler<'p> {
             by_name.insert(consumer.username.clone(), consumer);
         }
         self.credential_entries(res, &by_name, &mut credentials);
-        match self.registry.indexes(credentials) {
-            Ok(env) => self.env = env,
-            Err(errors) => {
-                for (consumer, plugin, e) in errors {
-                    let label = format!("consumer {}", consumer.username);
-                    self.plugin_errors(&label, plugin, vec![e]);
-                }
-            }
+        let (env, errors) = self.registry.indexes(credentials);
+        self.env = env;
+        for (consumer, plugin, e) in errors {
+            let label = format!("consumer {}", consumer.username);
+            self.plugin_errors(&label, plugin, vec![e]);
         }
         by_name
     }
