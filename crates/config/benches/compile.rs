@@ -4,7 +4,9 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
-fn config(n: usize) -> String {
+/// `n` routes over 50 upstreams; with `plugins`, each route also has
+/// key-auth, proxy-rewrite and cors, and 100 consumers hold keys.
+fn config(n: usize, plugins: bool) -> String {
     let mut text = String::from("upstreams:\n");
     for u in 0..50 {
         text.push_str(&format!(
@@ -26,16 +28,29 @@ fn config(n: usize) -> String {
         } else {
             String::new()
         };
+        let with = if plugins {
+            ", plugins: {key-auth: {}, proxy-rewrite: {regex_uri: [\"^/(.*)\", \"/v2/$1\"]}, cors: {allow_origins: \"https://app.example\"}}"
+        } else {
+            ""
+        };
         text.push_str(&format!(
-            "  - {{id: {i}, uri: \"{uri}\"{hosts}, methods: [GET, POST], upstream_id: u{}}}\n",
+            "  - {{id: {i}, uri: \"{uri}\"{hosts}, methods: [GET, POST], upstream_id: u{}{with}}}\n",
             i % 50
         ));
+    }
+    if plugins {
+        text.push_str("consumers:\n");
+        for c in 0..100 {
+            text.push_str(&format!(
+                "  - {{username: c{c}, plugins: {{key-auth: {{key: k{c}}}}}}}\n"
+            ));
+        }
     }
     text
 }
 
 fn bench(c: &mut Criterion) {
-    let text = config(10_000);
+    let text = config(10_000, false);
     let parsed = turnpike_config::parse(&text).unwrap();
     let registry = turnpike_plugins::registry();
     let first = turnpike_config::compile(&parsed.resources, &registry, None, 1).unwrap();
@@ -53,6 +68,14 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             black_box(
                 turnpike_config::compile(&parsed.resources, &registry, Some(&first), 2).unwrap(),
+            )
+        })
+    });
+    let with_plugins = turnpike_config::parse(&config(10_000, true)).unwrap();
+    group.bench_function("compile_with_3_plugins_per_route", |b| {
+        b.iter(|| {
+            black_box(
+                turnpike_config::compile(&with_plugins.resources, &registry, None, 2).unwrap(),
             )
         })
     });

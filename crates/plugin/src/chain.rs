@@ -117,7 +117,7 @@ pub async fn run_phase(
     }
     let mut order = Order::new(route, ctx);
     while let Some(e) = order.next(ctx) {
-        if let Some(reply) = run_entry(phase, &e, ctx).await {
+        if let Some(reply) = run_entry(phase, e, ctx).await {
             return Some(reply);
         }
     }
@@ -169,7 +169,7 @@ impl Order {
         }
     }
 
-    fn next(&mut self, ctx: &Ctx) -> Option<Entry> {
+    fn next(&mut self, ctx: &Ctx) -> Option<&Entry> {
         if self.consumer.is_none() {
             if let Some(chain) = consumer_chain(ctx) {
                 self.joined_at = self.last;
@@ -197,15 +197,15 @@ impl Order {
         let e = match (r, c) {
             (Some(r), Some(c)) if c.priority > r.priority => {
                 self.j += 1;
-                c.clone()
+                c
             }
             (Some(r), _) => {
                 self.i += 1;
-                r.clone()
+                r
             }
             (None, Some(c)) => {
                 self.j += 1;
-                c.clone()
+                c
             }
             (None, None) => return None,
         };
@@ -253,7 +253,7 @@ fn each(global: &Chain, route: &Chain, ctx: &mut Ctx, mut f: impl FnMut(&Entry, 
     let mut order = Order::new(route, ctx);
     while let Some(e) = order.next(ctx) {
         if e.applies(ctx) {
-            f(&e, ctx);
+            f(e, ctx);
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -79,9 +79,25 @@ pub fn typed<T: DeserializeOwned>(config: Value) -> Result<T, FieldError> {
 #[derive(Default)]
 pub struct Env {
     indexes: HashMap<&'static str, Index>,
+    /// Regexes compiled so far in this snapshot, by pattern: ten thousand
+    /// routes with the same `regex_uri` compile it once (compiling is what
+    /// a reload spends most on otherwise) and share the program.
+    regexes: Mutex<HashMap<String, regex::Regex>>,
 }
 
 impl Env {
+    /// Compiles `pattern`, or returns the copy compiled earlier.
+    pub fn regex(&self, pattern: &str) -> Result<regex::Regex, String> {
+        // Only the config compiler, on one thread, ever takes this lock.
+        let mut cache = self.regexes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(re) = cache.get(pattern) {
+            return Ok(re.clone());
+        }
+        let re = regex::Regex::new(pattern).map_err(|e| e.to_string())?;
+        cache.insert(pattern.to_owned(), re.clone());
+        Ok(re)
+    }
+
     /// The credential lookup of authentication plugin `name`.
     pub fn index<T: Any + Send + Sync>(&self, name: &str) -> Result<Arc<T>, FieldError> {
         self.indexes

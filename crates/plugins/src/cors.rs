@@ -80,7 +80,7 @@ fn value(field: &str, s: &str) -> Result<HeaderValue, FieldError> {
     HeaderValue::from_str(s).map_err(|_| FieldError::new(field, "not a valid header value"))
 }
 
-fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
     if c.allow_credential {
         let stars = [
@@ -107,8 +107,8 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         .flatten()
         .enumerate()
         .map(|(i, r)| {
-            Regex::new(r)
-                .map_err(|e| FieldError::new(format!("allow_origins_by_regex[{i}]"), e.to_string()))
+            env.regex(r)
+                .map_err(|e| FieldError::new(format!("allow_origins_by_regex[{i}]"), e))
         })
         .collect::<Result<_, _>>()?;
     let methods = if c.allow_methods == "**" {

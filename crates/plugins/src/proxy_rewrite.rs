@@ -64,6 +64,7 @@ pub(crate) fn factory() -> Factory {
 pub(crate) fn regex_pairs(
     list: &[String],
     field: &str,
+    env: &Env,
 ) -> Result<Vec<(Regex, String)>, FieldError> {
     if !list.len().is_multiple_of(2) {
         return Err(FieldError::new(
@@ -74,9 +75,9 @@ pub(crate) fn regex_pairs(
     list.chunks(2)
         .enumerate()
         .map(|(i, pair)| {
-            Regex::new(&pair[0])
+            env.regex(&pair[0])
                 .map(|r| (r, replacement(&pair[1])))
-                .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e.to_string()))
+                .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e))
         })
         .collect()
 }
@@ -103,15 +104,21 @@ fn replacement(apisix: &str) -> String {
 
 /// The first pattern that matches `path`, with its replacement applied.
 pub(crate) fn regex_rewrite(pairs: &[(Regex, String)], path: &str) -> Option<String> {
-    pairs
-        .iter()
-        .find(|(re, _)| re.is_match(path))
-        .map(|(re, with)| re.replace(path, with.as_str()).into_owned())
+    pairs.iter().find_map(|(re, with)| {
+        // One search, as `Regex::replace` would do after `is_match`.
+        let caps = re.captures(path)?;
+        let whole = caps.get(0)?;
+        let mut out = String::with_capacity(path.len() + with.len());
+        out.push_str(&path[..whole.start()]);
+        caps.expand(with, &mut out);
+        out.push_str(&path[whole.end()..]);
+        Some(out)
+    })
 }
 
-fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
-    let regex = regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri")?;
+    let regex = regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri", env)?;
     let host = c
         .host
         .map(|h| {
@@ -150,23 +157,23 @@ impl ProxyRewrite {
             Some((p, q)) => (p, Some(q)),
             None => (path, None),
         };
-        let mut text = if self.raw {
-            path.to_owned()
+        let path = if self.raw {
+            std::borrow::Cow::Borrowed(path)
         } else {
-            turnpike_router::encode_path(path).into_owned()
+            turnpike_router::encode_path(path)
         };
-        if !text.starts_with('/') {
-            text.insert(0, '/');
+        let mut text = String::with_capacity(path.len() + 64);
+        if !path.starts_with('/') {
+            text.push('/');
         }
-        let query = [own_query, ctx.req.uri.query()];
-        let query: Vec<&str> = query
-            .into_iter()
-            .flatten()
-            .filter(|q| !q.is_empty())
-            .collect();
-        if !query.is_empty() {
-            text.push('?');
-            text.push_str(&query.join("&"));
+        text.push_str(&path);
+        let mut sep = '?';
+        for q in [own_query, ctx.req.uri.query()].into_iter().flatten() {
+            if !q.is_empty() {
+                text.push(sep);
+                text.push_str(q);
+                sep = '&';
+            }
         }
         PathAndQuery::try_from(text).ok()
     }

@@ -60,7 +60,7 @@ pub(crate) fn factory() -> Factory {
     }
 }
 
-fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
     let to_https = c.http_to_https == Some(true);
     let targets = [to_https, c.uri.is_some(), c.regex_uri.is_some()];
@@ -75,7 +75,7 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     }
     Ok(Arc::new(Redirect {
         to_https: c.http_to_https.unwrap_or(false),
-        regex: regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri")?,
+        regex: regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri", env)?,
         uri: c.uri,
         status: StatusCode::from_u16(c.ret_code)
             .map_err(|_| FieldError::new("ret_code", "not an HTTP status"))?,
