@@ -56,7 +56,9 @@ pub(crate) async fn handle(
     if route.chain.is_empty() && snapshot.global.is_empty() {
         return forward(route, &mut ctx, Some(body), timeout).await;
     }
-    crate::phases::serve(&snapshot, route, ctx, body, timeout).await
+    // Boxed so the plugin path's larger state does not grow every
+    // request's future, plugins or not.
+    Box::pin(crate::phases::serve(&snapshot, route, ctx, body, timeout)).await
 }
 
 /// Finds the route, recording on the request the normalised path and the
