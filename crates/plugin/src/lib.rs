@@ -23,14 +23,12 @@
 //!     }
 //! }
 //!
-//! let factory = Factory {
-//!     name: "teapot",
-//!     priority: 1,
-//!     schema: || serde_json::json!({"type": "object"}),
-//!     consumer_schema: None,
-//!     build: |_config, _env| Ok(Arc::new(Teapot)),
-//!     credentials: None,
-//! };
+//! let factory = Factory::new(
+//!     "teapot",
+//!     1,
+//!     || serde_json::json!({"type": "object"}),
+//!     |_config, _env| Ok(Arc::new(Teapot)),
+//! );
 //! let registry = turnpike_plugin::Registry::new(vec![factory]);
 //! assert!(registry.get("teapot").is_some());
 //! ```

@@ -47,6 +47,45 @@ pub struct Factory {
     pub credentials: Option<BuildIndex>,
 }
 
+impl Factory {
+    /// A plugin that holds no credentials.
+    pub const fn new(
+        name: &'static str,
+        priority: i32,
+        schema: fn() -> Value,
+        build: Build,
+    ) -> Factory {
+        Factory {
+            name,
+            priority,
+            schema,
+            consumer_schema: None,
+            build,
+            credentials: None,
+        }
+    }
+
+    /// An authentication plugin: consumers' configs of it are credentials,
+    /// checked against `consumer_schema` and gathered by `credentials`.
+    pub const fn auth(
+        name: &'static str,
+        priority: i32,
+        schema: fn() -> Value,
+        consumer_schema: fn() -> Value,
+        build: Build,
+        credentials: BuildIndex,
+    ) -> Factory {
+        Factory {
+            name,
+            priority,
+            schema,
+            consumer_schema: Some(consumer_schema),
+            build,
+            credentials: Some(credentials),
+        }
+    }
+}
+
 /// A problem in one plugin's config, at a field path inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

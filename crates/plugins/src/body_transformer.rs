@@ -78,14 +78,7 @@ struct BodyTransformer {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

@@ -66,14 +66,7 @@ enum Origins {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn value(field: &str, s: &str) -> Result<HeaderValue, FieldError> {

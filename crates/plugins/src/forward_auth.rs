@@ -79,14 +79,7 @@ struct ForwardAuth {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn names(list: &[String], field: &str) -> Result<Vec<HeaderName>, FieldError> {

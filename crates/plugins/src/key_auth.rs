@@ -49,14 +49,7 @@ struct KeyAuth {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: Some(consumer_schema),
-        build,
-        credentials: Some(credentials),
-    }
+    Factory::auth(NAME, PRIORITY, schema, consumer_schema, build, credentials)
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

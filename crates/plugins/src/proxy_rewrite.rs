@@ -50,14 +50,7 @@ struct ProxyRewrite {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 /// `regex_uri`: pairs of pattern and replacement, first match wins.

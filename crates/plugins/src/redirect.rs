@@ -50,14 +50,7 @@ struct Redirect {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

@@ -39,14 +39,7 @@ struct RequestId {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

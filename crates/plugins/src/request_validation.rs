@@ -44,14 +44,7 @@ struct RequestValidation {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: NAME,
-        priority: PRIORITY,
-        schema,
-        consumer_schema: None,
-        build,
-        credentials: None,
-    }
+    Factory::new(NAME, PRIORITY, schema, build)
 }
 
 fn validator(
