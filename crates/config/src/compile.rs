@@ -43,7 +43,7 @@ pub fn compile(
     let consumers = c.consumers(res);
     let global = c.global_rules(res);
     let services = c.services(res, &upstream_ids);
-    let plugin_configs = c.plugin_configs(res);
+    let plugin_configs = c.plugin_sets(&res.plugin_configs, "plugin config");
     let (routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
     c.opaque(res);
     c.check_unrouted();
@@ -150,14 +150,16 @@ impl Compiler<'_> {
         by_id
     }
 
-    fn plugin_configs(&mut self, res: &Resources) -> HashMap<Id, Vec<Entry>> {
+    /// Resources that are only a set of plugins with an id (plugin configs,
+    /// consumer groups): their built plugins, by id.
+    fn plugin_sets(&mut self, list: &[model::Opaque], kind: &str) -> HashMap<Id, Vec<Entry>> {
         let mut by_id = HashMap::new();
         let mut seen = HashSet::new();
-        for (i, pc) in res.plugin_configs.iter().enumerate() {
-            let Some((id, label)) = self.unique_id(&pc.id, "plugin config", i, &mut seen) else {
+        for (i, set) in list.iter().enumerate() {
+            let Some((id, label)) = self.unique_id(&set.id, kind, i, &mut seen) else {
                 continue;
             };
-            let plugins = self.plugin_map(&label, pc.rest.get("plugins"));
+            let plugins = self.plugin_map(&label, set.rest.get("plugins"));
             let entries = self.entries(&label, plugins.as_ref());
             by_id.insert(id, entries);
         }

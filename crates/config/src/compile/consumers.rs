@@ -16,7 +16,7 @@ impl<'p> Compiler<'p> {
     /// Builds every consumer and the credential lookups (into `self.env`),
     /// returning consumers by username.
     pub(super) fn consumers(&mut self, res: &'p Resources) -> HashMap<Arc<str>, Arc<Consumer>> {
-        let groups = self.consumer_groups(res);
+        let groups = self.plugin_sets(&res.consumer_groups, "consumer group");
         let mut by_name: HashMap<Arc<str>, Arc<Consumer>> = HashMap::new();
         let mut credentials: Credentials<'p> = HashMap::new();
         for c in &res.consumers {
@@ -150,21 +150,6 @@ impl<'p> Compiler<'p> {
                 }
             }
         }
-    }
-
-    /// Consumer groups' plugins, by group id.
-    fn consumer_groups(&mut self, res: &Resources) -> HashMap<Id, Vec<Entry>> {
-        let mut by_id = HashMap::new();
-        let mut seen = HashSet::new();
-        for (i, g) in res.consumer_groups.iter().enumerate() {
-            let Some((id, label)) = self.unique_id(&g.id, "consumer group", i, &mut seen) else {
-                continue;
-            };
-            let plugins = self.plugin_map(&label, g.rest.get("plugins"));
-            let entries = self.entries(&label, plugins.as_ref());
-            by_id.insert(id, entries);
-        }
-        by_id
     }
 }
 
