@@ -93,6 +93,11 @@ pub struct Ctx {
     pub response_headers: HeaderMap,
     /// The response status, once there is one (`header_filter`, `log`).
     pub status: Option<StatusCode>,
+    /// Response body bytes sent to the client (for `log`).
+    pub response_bytes: u64,
+    /// Whether the whole response body was sent (for `log`): false when
+    /// the client went away or the upstream failed part-way.
+    pub response_complete: bool,
 }
 
 impl Ctx {
@@ -121,6 +126,8 @@ impl Ctx {
             body: None,
             response_headers: HeaderMap::new(),
             status: None,
+            response_bytes: 0,
+            response_complete: false,
         }
     }
 

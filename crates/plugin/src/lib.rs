@@ -92,8 +92,10 @@ pub trait Plugin: Send + Sync + 'static {
     /// nothing.
     fn body_filter(&self, _ctx: &mut Ctx, _body: &mut bytes::Bytes) {}
 
-    /// Runs once the response head has been sent to the client, for
-    /// accounting. By default this hook does nothing.
+    /// Runs once the response is over: its body sent whole, or abandoned
+    /// by the client (see [`Ctx::response_bytes`] and
+    /// [`Ctx::response_complete`]). For accounting; it must not block, and
+    /// cannot change the response. By default this hook does nothing.
     fn log(&self, _ctx: &Ctx) {}
 
     /// Whether requests' bodies must be read into [`Ctx::body`] before the

@@ -15,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
+use turnpike_plugin::{run_log, Chain, Ctx};
+
 use crate::clock::IdleTimer;
 use crate::h1::InlineBody;
 use crate::handler::LoadGuard;
@@ -33,6 +35,37 @@ pub enum ProxyBody {
     Upstream(UpstreamBody),
     /// The same, read by Turnpike's own HTTP/1.1 client (see `h1`).
     Inline(InlineBody),
+    /// A response on a route with plugins: runs their `log` phase once the
+    /// body has been sent or abandoned.
+    Logged(Box<Logged>),
+}
+
+/// A response body that runs the plugins' `log` phase when it is dropped:
+/// hyper drops it once the last byte is written, or when the client goes
+/// away, whichever comes first.
+pub struct Logged {
+    body: ProxyBody,
+    global: Chain,
+    route: Chain,
+    ctx: Ctx,
+}
+
+impl Logged {
+    pub(crate) fn wrap(body: ProxyBody, global: Chain, route: Chain, ctx: Ctx) -> ProxyBody {
+        ProxyBody::Logged(Box::new(Logged {
+            body,
+            global,
+            route,
+            ctx,
+        }))
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.ctx.response_complete = self.body.is_end_stream();
+        run_log(&self.global, &self.route, &mut self.ctx);
+    }
 }
 
 /// Whether a request body has been handed over whole: the upstream's read
@@ -199,6 +232,14 @@ impl Body for ProxyBody {
                 polled.map_err(Into::into)
             }
             ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
+            ProxyBody::Logged(logged) => {
+                let polled = Pin::new(&mut logged.body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    logged.ctx.response_bytes += n;
+                }
+                polled
+            }
             ProxyBody::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     up.read_timeout.progress();
@@ -234,6 +275,7 @@ impl Body for ProxyBody {
             ProxyBody::Request(req) => req.body.is_end_stream(),
             ProxyBody::Upstream(up) => up.body.is_end_stream(),
             ProxyBody::Inline(body) => body.is_end_stream(),
+            ProxyBody::Logged(logged) => logged.body.is_end_stream(),
         }
     }
 
@@ -247,6 +289,7 @@ impl Body for ProxyBody {
             ProxyBody::Request(req) => req.body.size_hint(),
             ProxyBody::Upstream(up) => up.body.size_hint(),
             ProxyBody::Inline(body) => body.size_hint(),
+            ProxyBody::Logged(logged) => logged.body.size_hint(),
         }
     }
 }

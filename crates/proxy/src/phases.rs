@@ -16,11 +16,11 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use turnpike_config::{Route, Snapshot};
 use turnpike_plugin::{
-    run_body_filter, run_header_filter, run_log, run_phase, Chain, Ctx, Head, Phase, Reply,
+    run_body_filter, run_header_filter, run_phase, Chain, Ctx, Head, Phase, Reply,
     MAX_BUFFERED_BODY,
 };
 
-use crate::body::{BodySent, ProxyBody, RequestBody};
+use crate::body::{BodySent, Logged, ProxyBody, RequestBody};
 use crate::error::Failure;
 use crate::handler::forward;
 use crate::X_REQUEST_ID;
@@ -48,9 +48,11 @@ pub(crate) async fn serve(
     {
         Ok(None) => Answer::Upstream(forward(route, &mut ctx, body, client_body_timeout).await),
         Ok(Some(reply)) => Answer::Plugin(reply),
-        Err(failure) => return failure.respond(&ctx.request_id),
+        // The gateway's own answers (413, 408) go through the response
+        // phases too: CORS headers and logging apply to them as well.
+        Err(failure) => Answer::Upstream(failure.respond(&ctx.request_id)),
     };
-    response_phases(global, chain, &mut ctx, answer).await
+    response_phases(global, chain, ctx, answer).await
 }
 
 enum Answer {
@@ -117,13 +119,35 @@ async fn read_body(
     }
 }
 
-/// header_filter, body_filter (when a plugin asked for the body), log.
+/// header_filter, body_filter (when a plugin asked for the body), then the
+/// body, which runs `log` when it is over.
 async fn response_phases(
+    global: &Chain,
+    chain: &Chain,
+    mut ctx: Ctx,
+    answer: Answer,
+) -> Response<ProxyBody> {
+    let resp = match filter(global, chain, &mut ctx, answer).await {
+        Ok(resp) => resp,
+        Err(reason) => {
+            tracing::warn!(request_id = ?ctx.request_id, "response body for body_filter: {reason}");
+            ctx.status = Some(StatusCode::BAD_GATEWAY);
+            Failure::BadGateway.respond(&ctx.request_id)
+        }
+    };
+    let (parts, body) = resp.into_parts();
+    let body = Logged::wrap(body, global.clone(), chain.clone(), ctx);
+    Response::from_parts(parts, body)
+}
+
+/// header_filter and body_filter; `Err` when the body a plugin asked for
+/// could not be read.
+async fn filter(
     global: &Chain,
     chain: &Chain,
     ctx: &mut Ctx,
     answer: Answer,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, String> {
     let (mut head, mut body) = match answer {
         Answer::Upstream(resp) => {
             let (parts, body) = resp.into_parts();
@@ -153,14 +177,10 @@ async fn response_phases(
                     head.body = Some(bytes);
                 }
                 Buffered::TooLarge(unread) => body = Some(unread),
-                Buffered::Failed(reason) => {
-                    tracing::warn!(request_id = ?ctx.request_id, "response body for body_filter: {reason}");
-                    return Failure::BadGateway.respond(&ctx.request_id);
-                }
+                Buffered::Failed(reason) => return Err(reason),
             }
         }
     }
-    run_log(global, chain, ctx);
     let body = match head.body {
         Some(bytes) => {
             if from_upstream {
@@ -180,7 +200,7 @@ async fn response_phases(
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
-    resp
+    Ok(resp)
 }
 
 /// Plugins' response headers over the upstream's: each replaces the
@@ -244,6 +264,56 @@ async fn buffer(body: ProxyBody, head: &Head) -> Buffered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+    use turnpike_plugin::{Conn, Entry, Plugin};
+
+    /// What `log` saw: (status, bytes, complete).
+    type Seen = Arc<Mutex<Vec<(u16, u64, bool)>>>;
+
+    struct Recorder(Seen);
+
+    impl Plugin for Recorder {
+        fn log(&self, ctx: &Ctx) {
+            let status = ctx.status.map_or(0, |s| s.as_u16());
+            let seen = (status, ctx.response_bytes, ctx.response_complete);
+            self.0.lock().unwrap().push(seen);
+        }
+    }
+
+    fn logged(body: ProxyBody, seen: &Seen) -> ProxyBody {
+        let entry = Entry {
+            name: "recorder",
+            priority: 1,
+            plugin: Arc::new(Recorder(seen.clone())),
+            filter: None,
+            disabled: false,
+        };
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let conn = Arc::new(Conn::new(
+            "10.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "http",
+        ));
+        let mut ctx = Ctx::new(parts, conn, HeaderValue::from_static("id"));
+        ctx.status = Some(StatusCode::OK);
+        Logged::wrap(body, Chain::default(), Chain::new(vec![entry]), ctx)
+    }
+
+    #[tokio::test]
+    async fn log_runs_once_the_body_is_sent_with_its_size() {
+        let seen = Seen::default();
+        let body = logged(ProxyBody::full("hello"), &seen);
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello");
+        assert_eq!(*seen.lock().unwrap(), [(200, 5, true)]);
+    }
+
+    #[tokio::test]
+    async fn log_runs_when_the_client_goes_away() {
+        let seen = Seen::default();
+        drop(logged(ProxyBody::full("never sent"), &seen));
+        assert_eq!(*seen.lock().unwrap(), [(200, 0, false)]);
+    }
 
     #[test]
     fn plugin_headers_replace_the_upstreams_but_vary_adds_up() {
