@@ -375,3 +375,48 @@ async fn a_bad_plugin_config_is_refused_and_the_old_one_keeps_serving() {
     );
     assert_eq!(get(&gw.url("/m")).await.unwrap().body, "v1");
 }
+
+#[tokio::test]
+async fn jwt_auth_with_an_rsa_key_from_the_config_file() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let public = include_str!("../../../plugins/src/testdata/rsa_public.pem");
+    let private = include_str!("../../../plugins/src/testdata/rsa_private.pem");
+    let pem_block: String = public.lines().map(|l| format!("          {l}\n")).collect();
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "consumers:\n  - username: svc\n    plugins:\n      jwt-auth:\n        key: svc-key\n        algorithm: RS256\n        public_key: |\n{pem_block}routes:\n{}",
+        route(&up.node(), "/jwt", "{jwt-auth: {}}"),
+    ))
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let claims = serde_json::json!({"key": "svc-key", "exp": exp});
+    let key = EncodingKey::from_rsa_pem(private.as_bytes()).unwrap();
+    let token = encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap();
+    let r = get_with(
+        &gw.url("/jwt"),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen("x-consumer-username").as_deref(), Some("svc"));
+    // The public key used as an HS256 secret: refused.
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(public.as_bytes()),
+    )
+    .unwrap();
+    let r = get_with(
+        &gw.url("/jwt"),
+        &[("authorization", &format!("Bearer {forged}"))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (401, Some("failed to verify jwt"))
+    );
+}
