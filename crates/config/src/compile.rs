@@ -44,7 +44,8 @@ pub fn compile(
     let global = c.global_rules(res);
     let services = c.services(res, &upstream_ids);
     let plugin_configs = c.plugin_sets(&res.plugin_configs, "plugin config");
-    let (routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
+    let (mut routes, specs) = c.routes(res, &upstream_ids, &services, &plugin_configs);
+    c.body_readers(&mut routes, &global, &consumers);
     c.opaque(res);
     c.check_unrouted();
     let router = match Router::build(&specs) {
@@ -70,7 +71,6 @@ pub fn compile(
         routes,
         upstreams: c.upstreams,
         global,
-        consumers_read_bodies: consumers.values().any(|c| c.chain.reads_body()),
         consumers,
         warnings: c.warnings,
     })
@@ -245,6 +245,7 @@ impl Compiler<'_> {
             let service_plugins = service.map_or(&[][..], |s| &s.plugins[..]);
             routes.push(Route {
                 chain: Chain::merge([service_plugins, shared, &own[..]]),
+                reads_body: false,
                 id: id.0.into(),
                 service_id: r.service_id.as_ref().map(|s| s.0.as_str().into()),
                 websocket: r
@@ -432,6 +433,29 @@ impl Compiler<'_> {
                 format!("plugins.{name}.{}", e.path)
             };
             self.err(label, path, e.message);
+        }
+    }
+
+    /// Marks the routes whose requests' bodies are read before the plugins
+    /// run. A consumer's plugins join right after authentication, so they
+    /// count only on routes that authenticate.
+    fn body_readers(
+        &self,
+        routes: &mut [Route],
+        global: &Chain,
+        consumers: &HashMap<Arc<str>, Arc<Consumer>>,
+    ) {
+        let consumers_read = consumers.values().any(|c| c.chain.reads_body());
+        let authenticates = |chain: &Chain| {
+            chain
+                .entries()
+                .iter()
+                .any(|e| self.registry.is_credential(e.name))
+        };
+        for r in routes {
+            r.reads_body = global.reads_body()
+                || r.chain.reads_body()
+                || (consumers_read && (authenticates(&r.chain) || authenticates(global)));
         }
     }
 

@@ -28,8 +28,6 @@ pub struct Snapshot {
     pub global: Chain,
     /// Consumers by username.
     pub consumers: HashMap<Arc<str>, Arc<Consumer>>,
-    /// Some consumer has a plugin that reads request bodies.
-    pub consumers_read_bodies: bool,
     /// Unknown fields and unsupported settings that were ignored.
     pub warnings: Vec<String>,
 }
@@ -44,7 +42,6 @@ impl Snapshot {
             upstreams: HashMap::new(),
             global: Chain::default(),
             consumers: HashMap::new(),
-            consumers_read_bodies: false,
             warnings: Vec::new(),
         }
     }
@@ -58,6 +55,9 @@ pub struct Route {
     /// The upstream's timeouts with the route's `timeout` over them.
     pub timeouts: Timeouts,
     pub websocket: bool,
+    /// Some plugin that may run here reads request bodies (the route's,
+    /// a global rule's, or — on routes that authenticate — a consumer's).
+    pub reads_body: bool,
     /// The route's plugins merged with its service's and plugin config's,
     /// sorted to run.
     pub chain: Chain,

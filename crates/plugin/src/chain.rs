@@ -146,15 +146,15 @@ async fn run_entry(phase: Phase, e: &Entry, ctx: &mut Ctx) -> Option<Reply> {
 /// consumer may become known part-way (authentication runs in `rewrite`);
 /// its plugins then join at once, as APISIX's `rewrite_in_consumer` does:
 /// those ranked above the point reached run next, except where the route's
-/// own config of the same plugin has already run in this phase.
+/// own config of the same plugin has already had its turn in this phase.
 struct Order {
     route: Chain,
     consumer: Option<Chain>,
     i: usize,
     j: usize,
-    /// The priority of the last plugin run before the consumer joined.
-    joined_at: i32,
-    last: i32,
+    /// Route entries handed out before the consumer joined, by index (the
+    /// first 128): the consumer's config of one of those has had its turn.
+    visited: u128,
 }
 
 impl Order {
@@ -164,22 +164,17 @@ impl Order {
             consumer: consumer_chain(ctx),
             i: 0,
             j: 0,
-            joined_at: i32::MAX,
-            last: i32::MAX,
+            visited: 0,
         }
     }
 
     fn next(&mut self, ctx: &Ctx) -> Option<&Entry> {
         if self.consumer.is_none() {
-            if let Some(chain) = consumer_chain(ctx) {
-                self.joined_at = self.last;
-                self.consumer = Some(chain);
-            }
+            self.consumer = consumer_chain(ctx);
         }
         let consumer = self.consumer.as_ref();
         while let Some(c) = consumer.and_then(|c| c.entries.get(self.j)) {
-            let ran = c.priority >= self.joined_at && self.route.has(c.name);
-            if ran {
+            if self.had_turn(c.name) {
                 self.j += 1;
             } else {
                 break;
@@ -200,6 +195,9 @@ impl Order {
                 c
             }
             (Some(r), _) => {
+                if consumer.is_none() && self.i < 128 {
+                    self.visited |= 1 << self.i;
+                }
                 self.i += 1;
                 r
             }
@@ -209,8 +207,14 @@ impl Order {
             }
             (None, None) => return None,
         };
-        self.last = e.priority;
         Some(e)
+    }
+
+    /// Whether the route's own config of `name` was handed out before the
+    /// consumer joined (so the consumer's does not run again this phase).
+    fn had_turn(&self, name: &str) -> bool {
+        let at = self.route.entries.iter().position(|e| e.name == name);
+        at.is_some_and(|i| i < 128 && self.visited & (1 << i) != 0)
     }
 }
 
@@ -396,6 +400,32 @@ mod tests {
         );
         run_log(&global, &route, &mut c);
         assert_eq!(taken(&log).len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_plugin_the_route_switched_off_still_runs_for_the_consumer() {
+        let log: Log = Default::default();
+        let consumer = Arc::new(Consumer {
+            username: "jack".into(),
+            header: HeaderValue::from_static("jack"),
+            group_id: None,
+            chain: Chain::new(vec![entry("cors", 4000, "consumer-cors", &log)]),
+        });
+        let auth = Entry {
+            plugin: Arc::new(Recorder {
+                label: "auth".into(),
+                log: log.clone(),
+                auth: Some(consumer),
+            }),
+            ..entry("auth", 2500, "auth", &log)
+        };
+        let off = Entry {
+            disabled: true,
+            ..entry("cors", 4000, "route-cors", &log)
+        };
+        let route = Chain::new(vec![off, auth]);
+        run_phase(Phase::Rewrite, &Chain::default(), &route, &mut ctx("/")).await;
+        assert_eq!(taken(&log), ["auth:rewrite", "consumer-cors:rewrite"]);
     }
 
     #[tokio::test]

@@ -42,7 +42,7 @@ struct Config {
 
 struct ProxyRewrite {
     uri: Option<String>,
-    regex: Vec<(Regex, String)>,
+    regex: Vec<RegexUri>,
     method: Option<Method>,
     host: Option<http::HeaderValue>,
     headers: HeaderOps,
@@ -53,12 +53,21 @@ pub(crate) fn factory() -> Factory {
     Factory::new(NAME, PRIORITY, schema, build)
 }
 
+/// One `regex_uri` pair: the pattern, and the replacement split at its own
+/// `?` into path and query, so a `?` that comes from the client's (decoded)
+/// path stays part of the path.
+pub(crate) struct RegexUri {
+    re: Regex,
+    path: String,
+    query: Option<String>,
+}
+
 /// `regex_uri`: pairs of pattern and replacement, first match wins.
 pub(crate) fn regex_pairs(
     list: &[String],
     field: &str,
     env: &Env,
-) -> Result<Vec<(Regex, String)>, FieldError> {
+) -> Result<Vec<RegexUri>, FieldError> {
     if !list.len().is_multiple_of(2) {
         return Err(FieldError::new(
             field,
@@ -68,9 +77,15 @@ pub(crate) fn regex_pairs(
     list.chunks(2)
         .enumerate()
         .map(|(i, pair)| {
-            env.regex(&pair[0])
-                .map(|r| (r, replacement(&pair[1])))
-                .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e))
+            let re = env
+                .regex(&pair[0])
+                .map_err(|e| FieldError::new(format!("{field}[{}]", i * 2), e))?;
+            let with = replacement(&pair[1]);
+            let (path, query) = match with.split_once('?') {
+                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                None => (with, None),
+            };
+            Ok(RegexUri { re, path, query })
         })
         .collect()
 }
@@ -95,17 +110,23 @@ fn replacement(apisix: &str) -> String {
     out
 }
 
-/// The first pattern that matches `path`, with its replacement applied.
-pub(crate) fn regex_rewrite(pairs: &[(Regex, String)], path: &str) -> Option<String> {
-    pairs.iter().find_map(|(re, with)| {
+/// The first pattern that matches `path`, with its replacement applied:
+/// the new path, and the replacement's own query if it has one.
+pub(crate) fn regex_rewrite(pairs: &[RegexUri], path: &str) -> Option<(String, Option<String>)> {
+    pairs.iter().find_map(|p| {
         // One search, as `Regex::replace` would do after `is_match`.
-        let caps = re.captures(path)?;
+        let caps = p.re.captures(path)?;
         let whole = caps.get(0)?;
-        let mut out = String::with_capacity(path.len() + with.len());
+        let mut out = String::with_capacity(path.len() + p.path.len());
         out.push_str(&path[..whole.start()]);
-        caps.expand(with, &mut out);
+        caps.expand(&p.path, &mut out);
         out.push_str(&path[whole.end()..]);
-        Some(out)
+        let query = p.query.as_ref().map(|q| {
+            let mut text = String::new();
+            caps.expand(q, &mut text);
+            text
+        });
+        Some((out, query))
     })
 }
 
@@ -137,19 +158,22 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 impl ProxyRewrite {
-    fn new_path(&self, ctx: &Ctx) -> Option<String> {
+    /// The new path and the template's own query: the template is split at
+    /// its own `?` before variables are expanded, so a `?` in a variable's
+    /// value is encoded into the path, never a query separator.
+    fn new_path(&self, ctx: &Ctx) -> Option<(String, Option<String>)> {
         if let Some(uri) = &self.uri {
-            return Some(ctx.expand(uri));
+            return Some(match uri.split_once('?') {
+                Some((p, q)) => (ctx.expand(p), Some(query_text(&ctx.expand(q)))),
+                None => (ctx.expand(uri), None),
+            });
         }
         regex_rewrite(&self.regex, ctx.path())
     }
 
-    /// The rewritten path, encoded, with the client's query after it.
-    fn upstream_uri(&self, ctx: &Ctx, path: &str) -> Option<PathAndQuery> {
-        let (path, own_query) = match path.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (path, None),
-        };
+    /// The rewritten path, encoded, with its own query and then the query
+    /// the request has so far (which authentication may have trimmed).
+    fn upstream_uri(&self, ctx: &Ctx, path: &str, own_query: Option<&str>) -> Option<PathAndQuery> {
         let path = if self.raw {
             std::borrow::Cow::Borrowed(path)
         } else {
@@ -161,7 +185,7 @@ impl ProxyRewrite {
         }
         text.push_str(&path);
         let mut sep = '?';
-        for q in [own_query, ctx.req.uri.query()].into_iter().flatten() {
+        for q in [own_query, ctx.upstream_uri.query()].into_iter().flatten() {
             if !q.is_empty() {
                 text.push(sep);
                 text.push_str(q);
@@ -172,10 +196,16 @@ impl ProxyRewrite {
     }
 }
 
+/// An expanded query: variables come decoded, so what would break the
+/// request line (spaces, `#`) is encoded again.
+fn query_text(q: &str) -> String {
+    q.replace(' ', "%20").replace('#', "%23")
+}
+
 impl Plugin for ProxyRewrite {
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
-        if let Some(path) = self.new_path(ctx) {
-            match self.upstream_uri(ctx, &path) {
+        if let Some((path, query)) = self.new_path(ctx) {
+            match self.upstream_uri(ctx, &path, query.as_deref()) {
                 Some(pq) => ctx.upstream_uri = pq,
                 None => {
                     return Flow::Respond(Reply::message(
@@ -259,6 +289,36 @@ mod tests {
             "/user/42",
         );
         assert_eq!(c.upstream_uri.as_str(), "/users/42");
+    }
+
+    #[test]
+    fn a_question_mark_from_the_client_stays_in_the_path() {
+        // The client sent `%3F`; the proxy decoded it into the path, as
+        // `Ctx::set_path` records.
+        let decoded = |uri: &str, path: &str| {
+            let mut c = ctx(uri);
+            let pq = c.upstream_uri.clone();
+            c.set_path(path.into(), pq);
+            c
+        };
+        let e = entry(NAME, json!({"regex_uri": ["^/api/(.*)", "/$1"]}));
+        let mut c = decoded("/api/orders%3Fuser_id=42", "/api/orders?user_id=42");
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(c.upstream_uri.as_str(), "/orders%3Fuser_id=42");
+        let e = entry(NAME, json!({"uri": "/v2$uri?from=gw"}));
+        let mut c = decoded("/a%3Fb=1?q=2", "/a?b=1");
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(c.upstream_uri.as_str(), "/v2/a%3Fb=1?from=gw&q=2");
+    }
+
+    #[test]
+    fn hidden_credentials_stay_hidden() {
+        // key-auth (priority 2500) trimmed the query before proxy-rewrite runs.
+        let e = entry(NAME, json!({"uri": "/v2/items"}));
+        let mut c = ctx("/items?apikey=SECRET&page=2");
+        c.upstream_uri = http::uri::PathAndQuery::from_static("/items?page=2");
+        assert!(run_now(Phase::Rewrite, &e, &mut c).is_none());
+        assert_eq!(c.upstream_uri.as_str(), "/v2/items?page=2");
     }
 
     #[test]

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, LOCATION};
 use http::StatusCode;
-use regex::Regex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use turnpike_plugin::{host_only, typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply};
 
-use crate::proxy_rewrite::{regex_pairs, regex_rewrite};
+use crate::proxy_rewrite::{regex_pairs, regex_rewrite, RegexUri};
 
 pub(crate) const NAME: &str = "redirect";
 pub(crate) const PRIORITY: i32 = 900;
@@ -43,7 +42,7 @@ struct Config {
 struct Redirect {
     to_https: bool,
     uri: Option<String>,
-    regex: Vec<(Regex, String)>,
+    regex: Vec<RegexUri>,
     status: StatusCode,
     encode: bool,
     append_query: bool,
@@ -94,7 +93,10 @@ impl Redirect {
         }
         let mut to = match &self.uri {
             Some(uri) => ctx.expand(uri),
-            None => regex_rewrite(&self.regex, ctx.path())?,
+            None => match regex_rewrite(&self.regex, ctx.path())? {
+                (path, Some(query)) => format!("{path}?{query}"),
+                (path, None) => path,
+            },
         };
         if self.encode {
             // Only the path: a query in the target stays as written.

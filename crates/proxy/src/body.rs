@@ -40,30 +40,45 @@ pub enum ProxyBody {
     Logged(Box<Logged>),
 }
 
-/// A response body that runs the plugins' `log` phase when it is dropped:
-/// hyper drops it once the last byte is written, or when the client goes
-/// away, whichever comes first.
+/// A request on a route with plugins, from the first phase to the last
+/// byte of its response: when dropped, it runs the plugins' `log` phase,
+/// once. It holds the request while the phases run; then it becomes the
+/// response body, which hyper drops once the last byte is written. If the
+/// client goes away first, at any point, it is dropped then.
 pub struct Logged {
+    pub(crate) ctx: Ctx,
     body: ProxyBody,
     global: Chain,
     route: Chain,
-    ctx: Ctx,
+    /// The body reached its end.
+    finished: bool,
+    /// A response that has no body (to HEAD, or 1xx/204/304) counts as whole.
+    bodyless: bool,
 }
 
 impl Logged {
-    pub(crate) fn wrap(body: ProxyBody, global: Chain, route: Chain, ctx: Ctx) -> ProxyBody {
-        ProxyBody::Logged(Box::new(Logged {
-            body,
+    pub(crate) fn start(ctx: Ctx, global: Chain, route: Chain) -> Box<Logged> {
+        Box::new(Logged {
+            ctx,
+            body: ProxyBody::Empty,
             global,
             route,
-            ctx,
-        }))
+            finished: false,
+            bodyless: false,
+        })
+    }
+
+    /// Becomes the body of the response, `body`.
+    pub(crate) fn into_body(mut self: Box<Self>, body: ProxyBody, bodyless: bool) -> ProxyBody {
+        self.body = body;
+        self.bodyless = bodyless;
+        ProxyBody::Logged(self)
     }
 }
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        self.ctx.response_complete = self.body.is_end_stream();
+        self.ctx.response_complete = self.finished || self.bodyless;
         run_log(&self.global, &self.route, &mut self.ctx);
     }
 }
@@ -234,9 +249,14 @@ impl Body for ProxyBody {
             ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             ProxyBody::Logged(logged) => {
                 let polled = Pin::new(&mut logged.body).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled {
-                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-                    logged.ctx.response_bytes += n;
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        logged.ctx.response_bytes += n;
+                        logged.finished |= logged.body.is_end_stream();
+                    }
+                    Poll::Ready(None) => logged.finished = true,
+                    _ => {}
                 }
                 polled
             }

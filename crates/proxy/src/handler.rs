@@ -45,8 +45,7 @@ pub(crate) async fn handle(
             id
         }
     };
-    // Only authentication says who the consumer is.
-    parts.headers.remove(&X_CONSUMER_USERNAME);
+    remove_consumer_claims(&mut parts.headers);
     let mut ctx = Ctx::new(parts, conn, request_id);
     let route = match route(&snapshot, &mut ctx) {
         Ok(index) => &snapshot.routes[index],
@@ -59,6 +58,25 @@ pub(crate) async fn handle(
     // Boxed so the plugin path's larger state does not grow every
     // request's future, plugins or not.
     Box::pin(crate::phases::serve(&snapshot, route, ctx, body, timeout)).await
+}
+
+/// Only authentication says who the consumer is: a client's
+/// `X-Consumer-Username` goes, and so does `X_Consumer_Username`, which
+/// CGI-style frameworks read as the same header.
+fn remove_consumer_claims(headers: &mut HeaderMap) {
+    headers.remove(&X_CONSUMER_USERNAME);
+    let claims = |name: &HeaderName| {
+        let n = name.as_str().as_bytes();
+        n.contains(&b'_')
+            && n.len() == X_CONSUMER_USERNAME.as_str().len()
+            && n.iter()
+                .zip(X_CONSUMER_USERNAME.as_str().bytes())
+                .all(|(&a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    let spoofed: Vec<HeaderName> = headers.keys().filter(|n| claims(n)).cloned().collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
 }
 
 /// Finds the route, recording on the request the normalised path and the
@@ -131,15 +149,16 @@ pub(crate) async fn forward(
     } else {
         None
     };
-    if let Some(consumer) = &ctx.consumer {
-        ctx.req
-            .headers
-            .insert(X_CONSUMER_USERNAME.clone(), consumer.header.clone());
-    }
     let (body, sent) = request_body(ctx, incoming, client_body_timeout);
     let mut body = Some(body);
     let has_body = sent.is_some();
     upstream_headers(ctx, upstream, upgrade, has_body);
+    // After hop-by-hop removal, so `Connection: x-consumer-username` from
+    // the client cannot take it away again.
+    if let Some(consumer) = &ctx.consumer {
+        let name = X_CONSUMER_USERNAME.clone();
+        ctx.req.headers.insert(name, consumer.header.clone());
+    }
     let hash_key = upstream.hash_on.as_ref().map(|h| hash_key(h, ctx));
     let deadline = upstream.retry_timeout.map(|t| Instant::now() + t);
     let mut tried = [0usize; MAX_TRIED];
@@ -210,7 +229,10 @@ fn request_body(
         let headers = &mut ctx.req.headers;
         headers.remove(TRANSFER_ENCODING);
         if bytes.is_empty() {
-            headers.remove(CONTENT_LENGTH);
+            // A POST of nothing still says so; some servers want a length.
+            if headers.contains_key(CONTENT_LENGTH) {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+            }
             return (ProxyBody::Empty, None);
         }
         headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));

@@ -11,7 +11,7 @@ use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, LAST_MODIFIED,
     TRANSFER_ENCODING, VARY,
 };
-use http::{Method, Response, StatusCode};
+use http::{Method, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use turnpike_config::{Route, Snapshot};
@@ -23,6 +23,7 @@ use turnpike_plugin::{
 use crate::body::{BodySent, Logged, ProxyBody, RequestBody};
 use crate::error::Failure;
 use crate::handler::forward;
+use crate::headers::{strip_hop_by_hop, wants_upgrade};
 use crate::X_REQUEST_ID;
 
 /// Serves a request on a route with plugins (its own or global rules').
@@ -34,25 +35,39 @@ pub(crate) async fn serve(
     client_body_timeout: Duration,
 ) -> Response<ProxyBody> {
     let (global, chain) = (&snapshot.global, &route.chain);
+    // Before any plugin: a client's `Connection` header must not name, and
+    // so remove, headers the plugins set.
+    let upgrade =
+        route.websocket && ctx.req.version == Version::HTTP_11 && wants_upgrade(&ctx.req.headers);
+    strip_hop_by_hop(&mut ctx.req.headers, upgrade);
+    // From here on, `log` runs whatever happens, even if the client leaves.
+    let mut logged = Logged::start(ctx, global.clone(), chain.clone());
+    let ctx = &mut logged.ctx;
     let mut body = Some(body);
-    let reads = snapshot.consumers_read_bodies;
     let answer = match request_phases(
         global,
         chain,
-        reads,
-        &mut ctx,
+        route.reads_body,
+        ctx,
         &mut body,
         client_body_timeout,
     )
     .await
     {
-        Ok(None) => Answer::Upstream(forward(route, &mut ctx, body, client_body_timeout).await),
+        Ok(None) => {
+            // The upstream request takes the headers; the response phases
+            // still read them (`http_*` in filters, templates, loggers).
+            let headers = ctx.req.headers.clone();
+            let resp = forward(route, ctx, body, client_body_timeout).await;
+            ctx.req.headers = headers;
+            Answer::Upstream(resp)
+        }
         Ok(Some(reply)) => Answer::Plugin(reply),
         // The gateway's own answers (413, 408) go through the response
         // phases too: CORS headers and logging apply to them as well.
         Err(failure) => Answer::Upstream(failure.respond(&ctx.request_id)),
     };
-    response_phases(global, chain, ctx, answer).await
+    response_phases(global, chain, logged, answer).await
 }
 
 enum Answer {
@@ -64,14 +79,12 @@ enum Answer {
 async fn request_phases(
     global: &Chain,
     chain: &Chain,
-    consumers_read_bodies: bool,
+    reads_body: bool,
     ctx: &mut Ctx,
     body: &mut Option<Incoming>,
     client_body_timeout: Duration,
 ) -> Result<Option<Reply>, Failure> {
-    // A consumer's plugins join right after authentication, in rewrite, so
-    // if any consumer has one that reads bodies, bodies are read up front.
-    if global.reads_body() || chain.reads_body() || consumers_read_bodies {
+    if reads_body {
         read_body(ctx, body, client_body_timeout).await?;
     }
     if let Some(reply) = run_phase(Phase::Rewrite, global, chain, ctx).await {
@@ -124,10 +137,11 @@ async fn read_body(
 async fn response_phases(
     global: &Chain,
     chain: &Chain,
-    mut ctx: Ctx,
+    mut logged: Box<Logged>,
     answer: Answer,
 ) -> Response<ProxyBody> {
-    let resp = match filter(global, chain, &mut ctx, answer).await {
+    let ctx = &mut logged.ctx;
+    let resp = match filter(global, chain, ctx, answer).await {
         Ok(resp) => resp,
         Err(reason) => {
             tracing::warn!(request_id = ?ctx.request_id, "response body for body_filter: {reason}");
@@ -135,9 +149,9 @@ async fn response_phases(
             Failure::BadGateway.respond(&ctx.request_id)
         }
     };
+    let bodyless = !may_have_body(ctx, resp.status());
     let (parts, body) = resp.into_parts();
-    let body = Logged::wrap(body, global.clone(), chain.clone(), ctx);
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, logged.into_body(body, bodyless))
 }
 
 /// header_filter and body_filter; `Err` when the body a plugin asked for
@@ -169,6 +183,12 @@ async fn filter(
     ctx.status = Some(head.status);
     add_headers(&mut head.headers, std::mem::take(&mut ctx.response_headers));
     let wants_body = run_header_filter(global, chain, ctx, &mut head);
+    // Plugins may have added headers of the connection (an auth service's
+    // `Connection: close`, say): they are not the client's to receive.
+    strip_hop_by_hop(
+        &mut head.headers,
+        head.status == StatusCode::SWITCHING_PROTOCOLS,
+    );
     if head.body.is_none() && wants_body && may_have_body(ctx, head.status) {
         if let Some(upstream) = body.take() {
             match buffer(upstream, &head).await {
@@ -296,7 +316,7 @@ mod tests {
         ));
         let mut ctx = Ctx::new(parts, conn, HeaderValue::from_static("id"));
         ctx.status = Some(StatusCode::OK);
-        Logged::wrap(body, Chain::default(), Chain::new(vec![entry]), ctx)
+        Logged::start(ctx, Chain::default(), Chain::new(vec![entry])).into_body(body, false)
     }
 
     #[tokio::test]
@@ -310,6 +330,29 @@ mod tests {
 
     #[tokio::test]
     async fn log_runs_when_the_client_goes_away() {
+        // Before the response: the request's guard is dropped mid-way.
+        let seen = Seen::default();
+        let entry = Entry {
+            name: "recorder",
+            priority: 1,
+            plugin: Arc::new(Recorder(seen.clone())),
+            filter: None,
+            disabled: false,
+        };
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let conn = Arc::new(Conn::new(
+            "10.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "http",
+        ));
+        let ctx = Ctx::new(parts, conn, HeaderValue::from_static("id"));
+        drop(Logged::start(
+            ctx,
+            Chain::default(),
+            Chain::new(vec![entry]),
+        ));
+        assert_eq!(*seen.lock().unwrap(), [(0, 0, false)]);
+
         let seen = Seen::default();
         drop(logged(ProxyBody::full("never sent"), &seen));
         assert_eq!(*seen.lock().unwrap(), [(200, 0, false)]);

@@ -80,9 +80,27 @@ routes:
     assert_eq!(r.json()["uri"], "/for-everyone");
     assert_eq!(r.seen("x-consumer-username").as_deref(), Some("rose"));
 
-    // A client cannot claim to be a consumer.
-    let r = get_with(&gw.url("/open"), &[("x-consumer-username", "jack")]).await;
+    // A client cannot claim to be a consumer, in either spelling, nor
+    // remove the gateway's claim by naming it in `Connection`.
+    let r = get_with(
+        &gw.url("/open"),
+        &[
+            ("x-consumer-username", "jack"),
+            ("x_consumer_username", "jack"),
+        ],
+    )
+    .await;
     assert_eq!(r.seen("x-consumer-username"), None);
+    assert_eq!(r.seen("x_consumer_username"), None);
+    let r = get_with(
+        &gw.url("/private/x"),
+        &[
+            ("apikey", "rose-key"),
+            ("connection", "x-consumer-username"),
+        ],
+    )
+    .await;
+    assert_eq!(r.seen("x-consumer-username").as_deref(), Some("rose"));
 }
 
 #[tokio::test]
@@ -142,6 +160,21 @@ routes:
     // A global rule applies to routes with no plugins of their own too.
     let r = get(&gw.url("/nothing-here")).await.unwrap();
     assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn response_phases_still_see_the_request_headers() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "routes:\n{}",
+        route(&up.node(), "/dbg", r#"{response-rewrite: {headers: {set: {x-debug-echo: "$http_x_debug"}}, _meta: {filter: [["http_x_debug", "==", "1"]]}}}"#),
+    ))
+    .await;
+    let r = get_with(&gw.url("/dbg"), &[("x-debug", "1")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-debug-echo"], "1");
+    let r = get(&gw.url("/dbg")).await.unwrap();
+    assert!(!r.headers.contains_key("x-debug-echo"));
 }
 
 #[tokio::test]
