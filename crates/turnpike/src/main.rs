@@ -40,6 +40,9 @@ enum Command {
         #[arg(short, long, default_value = "conf/turnpike.yaml")]
         config: PathBuf,
     },
+    /// List the plugins this build ships, with their priorities; with a
+    /// name, print that plugin's config schema (and consumer schema) as JSON.
+    Plugins { name: Option<String> },
     /// Print the version.
     Version,
 }
@@ -51,8 +54,38 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => check(&config),
+        Command::Plugins { name } => plugins(name.as_deref()),
         Command::Run { config } => run(&config),
     }
+}
+
+fn plugins(name: Option<&str>) -> ExitCode {
+    let registry = registry();
+    let Some(name) = name else {
+        let mut all: Vec<_> = registry.factories().collect();
+        all.sort_by_key(|f| std::cmp::Reverse(f.priority));
+        for f in all {
+            let kind = if f.consumer_schema.is_some() {
+                "  (authentication)"
+            } else {
+                ""
+            };
+            println!("{:<22} {:>6}{kind}", f.name, f.priority);
+        }
+        return ExitCode::SUCCESS;
+    };
+    let Some(schema) = registry.schema(name) else {
+        eprintln!("unknown plugin `{name}`; `turnpike plugins` lists them");
+        return ExitCode::FAILURE;
+    };
+    let doc = serde_json::json!({
+        "name": name,
+        "priority": registry.get(name).map(|f| f.priority),
+        "schema": schema,
+        "consumer_schema": registry.consumer_schema(name),
+    });
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    ExitCode::SUCCESS
 }
 
 /// The plugins this build ships, registered once.

@@ -9,6 +9,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::harness::*;
 
 #[test]
+fn plugins_lists_the_registry_and_prints_schemas() {
+    let out = Command::new(binary()).arg("plugins").output().unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8_lossy(&out.stdout);
+    let first = list.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("request-id") && first.contains("12015"),
+        "{list}"
+    );
+    assert!(list
+        .lines()
+        .any(|l| l.starts_with("key-auth") && l.contains("2500") && l.contains("authentication")));
+    let out = Command::new(binary())
+        .args(["plugins", "key-auth"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["schema"]["properties"]["header"]["default"], "apikey");
+    assert_eq!(doc["consumer_schema"]["required"][0], "key");
+    let out = Command::new(binary())
+        .args(["plugins", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
 fn check_reports_every_bad_resource_and_field_and_exits_1() {
     let dir = TempDir::new();
     let bad = dir.path.join("bad.yaml");
