@@ -53,7 +53,7 @@ pub(crate) async fn handle(
     };
     let timeout = shared.client_body_timeout;
     if route.chain.is_empty() && snapshot.global.is_empty() {
-        return forward(route, &mut ctx, Some(body), timeout).await;
+        return forward(route, &mut ctx, Some(body), timeout, false).await;
     }
     // Boxed so the plugin path's larger state does not grow every
     // request's future, plugins or not.
@@ -135,11 +135,14 @@ const MAX_TRIED: usize = 16;
 
 /// Sends the request upstream, trying other nodes while they cannot be
 /// reached. The body is `ctx.body` when a plugin read it, else `incoming`.
+/// With `keep_headers`, the request's headers (as sent) are back in `ctx`
+/// afterwards, for the response phases.
 pub(crate) async fn forward(
     route: &Route,
     ctx: &mut Ctx,
     incoming: Option<Incoming>,
     client_body_timeout: Duration,
+    keep_headers: bool,
 ) -> Response<ProxyBody> {
     let upstream: &Upstream = &route.upstream;
     let upgrade =
@@ -179,6 +182,10 @@ pub(crate) async fn forward(
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
         let read = route.timeouts.read;
+        // The response phases read the request's headers: the own client
+        // hands them back, the others need a copy.
+        let copy = (keep_headers && !goes_inline(&target, &client_upgrade, sent.as_ref()))
+            .then(|| req.headers().clone());
         let result = exchange(
             &target,
             req,
@@ -189,7 +196,12 @@ pub(crate) async fn forward(
         )
         .await;
         match result {
-            Ok(resp) => return resp,
+            Ok((resp, back)) => {
+                if keep_headers {
+                    ctx.req.headers = back.or(copy).unwrap_or_default();
+                }
+                return resp;
+            }
             Err(Attempt::Connect(e, req)) => {
                 // A node that cannot be reached must not look fast to ewma.
                 if let Some(guard) = tracked {
@@ -330,20 +342,31 @@ async fn exchange(
     client_upgrade: &mut Option<OnUpgrade>,
     sent: Option<&Arc<BodySent>>,
     tracked: &mut Option<LoadGuard>,
-) -> Result<Response<ProxyBody>, Attempt> {
+) -> Result<(Response<ProxyBody>, Option<HeaderMap>), Attempt> {
     if client_upgrade.is_some() {
         let (resp, pooled) =
             Box::pin(crate::upgrade::forward(target, req, client_upgrade, read)).await?;
-        return Ok(respond(resp, pooled, read, tracked.take()));
+        return Ok((respond(resp, pooled, read, tracked.take()), None));
     }
-    if sent.is_none() && target.scheme == Scheme::Http {
-        return send_inline(target, req, read, tracked).await;
+    if goes_inline(target, client_upgrade, sent) {
+        let (resp, headers) = send_inline(target, req, read, tracked).await?;
+        return Ok((resp, Some(headers)));
     }
     let (resp, mut pooled) = send(target, req, read, sent).await?;
     if let Some(p) = pooled.as_mut() {
         p.watch_body(sent.cloned());
     }
-    Ok(respond(resp, pooled, read, tracked.take()))
+    Ok((respond(resp, pooled, read, tracked.take()), None))
+}
+
+/// Whether an attempt goes by Turnpike's own HTTP/1.1 client, which hands
+/// the request's headers back when done.
+fn goes_inline(
+    target: &Target<'_>,
+    client_upgrade: &Option<OnUpgrade>,
+    sent: Option<&Arc<BodySent>>,
+) -> bool {
+    client_upgrade.is_none() && sent.is_none() && target.scheme == Scheme::Http
 }
 
 /// The client's headers made ready for the upstream: hop-by-hop headers out,
@@ -538,13 +561,13 @@ async fn send_inline(
     req: Request<ProxyBody>,
     read_timeout: Duration,
     tracked: &mut Option<LoadGuard>,
-) -> Result<Response<ProxyBody>, Attempt> {
+) -> Result<(Response<ProxyBody>, HeaderMap), Attempt> {
     match crate::h1::send(target, &req, read_timeout, tracked).await {
         Ok(mut resp) => {
             let (mut parts, body) = resp.into_parts();
             response_head(&mut parts);
             resp = Response::from_parts(parts, body);
-            Ok(resp)
+            Ok((resp, req.into_parts().0.headers))
         }
         Err(crate::h1::Error::Connect(e)) => Err(Attempt::Connect(e, Box::new(req))),
         Err(e @ crate::h1::Error::Timeout(_)) => {

@@ -55,12 +55,9 @@ pub(crate) async fn serve(
     .await
     {
         Ok(None) => {
-            // The upstream request takes the headers; the response phases
-            // still read them (`http_*` in filters, templates, loggers).
-            let headers = ctx.req.headers.clone();
-            let resp = forward(route, ctx, body, client_body_timeout).await;
-            ctx.req.headers = headers;
-            Answer::Upstream(resp)
+            // The response phases still read the request's headers (`http_*`
+            // in filters, templates, loggers): forward hands them back.
+            Answer::Upstream(forward(route, ctx, body, client_body_timeout, true).await)
         }
         Ok(Some(reply)) => Answer::Plugin(reply),
         // The gateway's own answers (413, 408) go through the response

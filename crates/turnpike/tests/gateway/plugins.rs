@@ -175,6 +175,13 @@ async fn response_phases_still_see_the_request_headers() {
     assert_eq!(r.headers["x-debug-echo"], "1");
     let r = get(&gw.url("/dbg")).await.unwrap();
     assert!(!r.headers.contains_key("x-debug-echo"));
+    // With a body, the request goes by hyper's client rather than the own one.
+    let req = Request::post(gw.url("/dbg"))
+        .header("x-debug", "1")
+        .body(full("payload"))
+        .unwrap();
+    let r = send(&client(), req).await.unwrap();
+    assert_eq!(r.headers["x-debug-echo"], "1");
 }
 
 #[tokio::test]
