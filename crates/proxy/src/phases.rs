@@ -297,7 +297,8 @@ mod tests {
         }
     }
 
-    fn logged(body: ProxyBody, seen: &Seen) -> ProxyBody {
+    /// A request on a route whose one plugin records what `log` saw.
+    fn guard(seen: &Seen, status: Option<StatusCode>) -> Box<Logged> {
         let entry = Entry {
             name: "recorder",
             priority: 1,
@@ -312,14 +313,14 @@ mod tests {
             "http",
         ));
         let mut ctx = Ctx::new(parts, conn, HeaderValue::from_static("id"));
-        ctx.status = Some(StatusCode::OK);
-        Logged::start(ctx, Chain::default(), Chain::new(vec![entry])).into_body(body, false)
+        ctx.status = status;
+        Logged::start(ctx, Chain::default(), Chain::new(vec![entry]))
     }
 
     #[tokio::test]
     async fn log_runs_once_the_body_is_sent_with_its_size() {
         let seen = Seen::default();
-        let body = logged(ProxyBody::full("hello"), &seen);
+        let body = guard(&seen, Some(StatusCode::OK)).into_body(ProxyBody::full("hello"), false);
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"hello");
         assert_eq!(*seen.lock().unwrap(), [(200, 5, true)]);
@@ -329,29 +330,11 @@ mod tests {
     async fn log_runs_when_the_client_goes_away() {
         // Before the response: the request's guard is dropped mid-way.
         let seen = Seen::default();
-        let entry = Entry {
-            name: "recorder",
-            priority: 1,
-            plugin: Arc::new(Recorder(seen.clone())),
-            filter: None,
-            disabled: false,
-        };
-        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-        let conn = Arc::new(Conn::new(
-            "10.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap(),
-            "http",
-        ));
-        let ctx = Ctx::new(parts, conn, HeaderValue::from_static("id"));
-        drop(Logged::start(
-            ctx,
-            Chain::default(),
-            Chain::new(vec![entry]),
-        ));
+        drop(guard(&seen, None));
         assert_eq!(*seen.lock().unwrap(), [(0, 0, false)]);
-
+        // During the response, before a byte of the body was sent.
         let seen = Seen::default();
-        drop(logged(ProxyBody::full("never sent"), &seen));
+        drop(guard(&seen, Some(StatusCode::OK)).into_body(ProxyBody::full("never sent"), false));
         assert_eq!(*seen.lock().unwrap(), [(200, 0, false)]);
     }
 
