@@ -13,6 +13,7 @@ mod basic_auth;
 mod body_transformer;
 mod consumer_restriction;
 mod cors;
+mod fault_injection;
 mod forward_auth;
 mod headers;
 mod ip_restriction;
@@ -29,6 +30,7 @@ mod response_rewrite;
 pub fn factories() -> Vec<Factory> {
     vec![
         request_id::factory(),
+        fault_injection::factory(),
         mocking::factory(),
         cors::factory(),
         ip_restriction::factory(),

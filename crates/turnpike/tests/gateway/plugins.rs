@@ -285,7 +285,12 @@ async fn redirect_mocking_and_request_id() {
     let up = Upstream::start("up").await;
     let n = up.node();
     let gw = Gateway::start(&format!(
-        "routes:\n{}{}{}",
+        "routes:\n{}{}{}{}",
+        route(
+            &n,
+            "/chaos",
+            r#"{fault-injection: {abort: {http_status: 503, body: "injected", vars: [[["http_x_chaos", "==", "on"]]]}}}"#
+        ),
         route(
             &n,
             "/old/*",
@@ -299,6 +304,9 @@ async fn redirect_mocking_and_request_id() {
         route(&n, "/traced", "{request-id: {header_name: X-Trace-Id}}"),
     ))
     .await;
+    let r = get_with(&gw.url("/chaos"), &[("x-chaos", "on")]).await;
+    assert_eq!((r.status, r.body.as_str()), (503, "injected"));
+    assert_eq!(get(&gw.url("/chaos")).await.unwrap().status, 200);
     let r = get(&gw.url("/old/page")).await.unwrap();
     assert_eq!(
         (r.status, r.headers["location"].to_str().unwrap()),
@@ -309,7 +317,7 @@ async fn redirect_mocking_and_request_id() {
     let r = get(&gw.url("/traced")).await.unwrap();
     let id = r.headers["x-trace-id"].to_str().unwrap().to_owned();
     assert_eq!(r.seen("x-trace-id").as_deref(), Some(id.as_str()));
-    assert_eq!(up.hits(), 1);
+    assert_eq!(up.hits(), 2);
 }
 
 /// An auth service: `Authorization: Bearer good` passes with `X-User-Id`;
