@@ -20,6 +20,7 @@ mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
 mod mocking;
+mod proxy_mirror;
 mod proxy_rewrite;
 mod redirect;
 mod request_id;
@@ -41,6 +42,7 @@ pub fn factories() -> Vec<Factory> {
         consumer_restriction::factory(),
         forward_auth::factory(),
         body_transformer::factory(),
+        proxy_mirror::factory(),
         proxy_rewrite::factory(),
         redirect::factory(),
         response_rewrite::factory(),

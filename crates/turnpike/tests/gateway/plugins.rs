@@ -468,3 +468,37 @@ async fn jwt_auth_with_an_rsa_key_from_the_config_file() {
         (401, Some("failed to verify jwt"))
     );
 }
+
+#[tokio::test]
+async fn proxy_mirror_copies_without_the_client_waiting() {
+    let up = Upstream::start("up").await;
+    let mirror = Upstream::start("mirror").await;
+    let dead = free_port();
+    let gw = Gateway::start(&format!(
+        "routes:\n{}{}",
+        route(
+            &up.node(),
+            "/m/*",
+            &format!("{{proxy-mirror: {{host: \"http://{}\"}}}}", mirror.node())
+        ),
+        route(
+            &up.node(),
+            "/dead",
+            &format!("{{proxy-mirror: {{host: \"http://127.0.0.1:{dead}\"}}}}")
+        ),
+    ))
+    .await;
+    let r = post_json(&gw.url("/m/orders?id=1"), r#"{"a":1}"#).await;
+    assert_eq!(
+        r.json()["name"],
+        "up",
+        "the client gets the upstream's answer"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while mirror.hits() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(mirror.hits(), 1);
+    // A mirror that is down changes nothing for the client.
+    assert_eq!(get(&gw.url("/dead")).await.unwrap().status, 200);
+}
