@@ -83,6 +83,18 @@ impl Drop for Logged {
     }
 }
 
+/// Request trailers must not say who the consumer is either: only
+/// authentication does (see `handler::remove_consumer_claims`).
+fn without_claims(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            crate::handler::remove_consumer_claims(&mut trailers);
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
+}
+
 /// Whether a request body has been handed over whole: the upstream's read
 /// timeout starts then, and only then may its connection go back to a pool
 /// (hyper keeps writing a body after an early response).
@@ -244,7 +256,7 @@ impl Body for ProxyBody {
                 {
                     req.done();
                 }
-                polled.map_err(Into::into)
+                polled.map(|f| f.map(|r| r.map(without_claims).map_err(Into::into)))
             }
             ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
             ProxyBody::Logged(logged) => {
@@ -311,5 +323,30 @@ impl Body for ProxyBody {
             ProxyBody::Inline(body) => body.size_hint(),
             ProxyBody::Logged(logged) => logged.body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_lose_consumer_claims_and_data_passes() {
+        let mut t = http::HeaderMap::new();
+        t.insert(
+            "x-consumer-username",
+            http::HeaderValue::from_static("admin"),
+        );
+        t.insert(
+            "x-consumer_username",
+            http::HeaderValue::from_static("admin"),
+        );
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let out = without_claims(Frame::trailers(t)).into_trailers().unwrap();
+        assert!(!out.contains_key("x-consumer-username"));
+        assert!(!out.contains_key("x-consumer_username"));
+        assert_eq!(out["grpc-status"], "0");
+        let data = without_claims(Frame::data(Bytes::from_static(b"x")));
+        assert_eq!(data.into_data().unwrap(), "x");
     }
 }

@@ -63,7 +63,7 @@ pub(crate) async fn handle(
 /// Only authentication says who the consumer is: a client's
 /// `X-Consumer-Username` goes, and so does `X_Consumer_Username`, which
 /// CGI-style frameworks read as the same header.
-fn remove_consumer_claims(headers: &mut HeaderMap) {
+pub(crate) fn remove_consumer_claims(headers: &mut HeaderMap) {
     headers.remove(&X_CONSUMER_USERNAME);
     let claims = |name: &HeaderName| {
         let n = name.as_str().as_bytes();
