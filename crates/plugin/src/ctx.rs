@@ -173,35 +173,63 @@ impl Ctx {
             .find_map(|h| cookie(h, name))
     }
 
-    /// Expands `$name` and `${name}` with request variables; unknown or
-    /// unset variables expand to nothing, as in nginx.
-    /// Configs check their templates with [`check_template`] at load, so
-    /// an unknown name here was refused before it could reach a request.
-    pub fn expand(&self, template: &str) -> String {
-        let mut out = String::with_capacity(template.len());
-        scan(template, |piece| match piece {
-            Piece::Text(t) => out.push_str(t),
-            Piece::Var(name) => {
-                if let Ok(var) = Var::parse(name) {
-                    out.push_str(&self.var(&var).unwrap_or_default());
-                }
+    /// A template filled in with this request's variables; an unset
+    /// variable gives nothing, as in nginx.
+    pub fn render(&self, template: &Template) -> String {
+        let mut out = String::new();
+        for part in template.0.iter() {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Var(var) => out.push_str(&self.var(var).unwrap_or_default()),
             }
-        });
+        }
         out
     }
 }
 
-/// Checks that every `$name` in a template is a known variable.
-pub fn check_template(template: &str) -> Result<(), String> {
-    let mut error = None;
-    scan(template, |piece| {
-        if let Piece::Var(name) = piece {
-            if let Err(e) = Var::parse(name) {
-                error.get_or_insert(e);
+/// Text with `$name` / `${name}` request variables, parsed once when the
+/// config is loaded (an unknown name is refused then), rendered per request
+/// with [`Ctx::render`].
+#[derive(Debug, Clone)]
+pub struct Template(Box<[Part]>);
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(Box<str>),
+    Var(Var),
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut error = None;
+        scan(text, |piece| match piece {
+            Piece::Text("") => {}
+            Piece::Text(t) => parts.push(Part::Text(t.into())),
+            Piece::Var(name) => match Var::parse(name) {
+                Ok(var) => parts.push(Part::Var(var)),
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            },
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(Template(parts.into())),
+        }
+    }
+
+    /// The text, when it holds no variable.
+    pub fn fixed(&self) -> Option<String> {
+        let mut out = String::new();
+        for part in self.0.iter() {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Var(_) => return None,
             }
         }
-    });
-    error.map_or(Ok(()), Err)
+        Some(out)
+    }
 }
 
 enum Piece<'a> {
@@ -300,20 +328,29 @@ mod tests {
         Ctx::new(parts, conn, HeaderValue::from_static("rid"))
     }
 
+    fn render(c: &Ctx, text: &str) -> String {
+        c.render(&Template::parse(text).unwrap())
+    }
+
     #[test]
     fn expands_variables() {
         let c = ctx("/a/b?x=1");
         assert_eq!(
-            c.expand("$uri|${arg_x}|$http_x_user|$host|$nope|$|${"),
+            render(&c, "$uri|${arg_x}|$http_x_user|$host|$cookie_none|$|${"),
             "/a/b|1|ann|example.com||$|${"
         );
-        assert_eq!(c.expand("v=$remote_addr;"), "v=10.0.0.1;");
+        assert_eq!(render(&c, "v=$remote_addr;"), "v=10.0.0.1;");
+        assert_eq!(
+            Template::parse("/a/$").unwrap().fixed().as_deref(),
+            Some("/a/$")
+        );
+        assert_eq!(Template::parse("/a/$uri").unwrap().fixed(), None);
     }
 
     #[test]
     fn templates_are_checked() {
-        assert!(check_template("/u/$arg_id/${remote_addr}$").is_ok());
-        assert!(check_template("/u/$nope").unwrap_err().contains("nope"));
+        assert!(Template::parse("/u/$arg_id/${remote_addr}$").is_ok());
+        assert!(Template::parse("/u/$nope").unwrap_err().contains("nope"));
     }
 
     #[test]

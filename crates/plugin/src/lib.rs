@@ -40,7 +40,7 @@ mod registry;
 mod schema;
 
 pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase};
-pub use ctx::{check_template, host_only, Conn, Consumer, Ctx};
+pub use ctx::{host_only, Conn, Consumer, Ctx, Template};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::fill_defaults;

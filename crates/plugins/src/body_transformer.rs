@@ -27,7 +27,7 @@ use http::header::CONTENT_TYPE;
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Head, Plugin, Reply};
+use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Head, Plugin, Reply, Template};
 
 pub(crate) const NAME: &str = "body-transformer";
 pub(crate) const PRIORITY: i32 = 1080;
@@ -71,9 +71,23 @@ struct Config {
     reject_invalid_json: bool,
 }
 
+/// One side's operations, ready to run: `add`'s strings with variables
+/// parsed once.
+struct Edits {
+    rename: Vec<(String, String)>,
+    remove: Vec<String>,
+    add: Vec<(String, Added)>,
+}
+
+/// A value `add` puts in.
+enum Added {
+    Json(Value),
+    Text(Template),
+}
+
 struct BodyTransformer {
-    request: Option<Ops>,
-    response: Option<Ops>,
+    request: Option<Edits>,
+    response: Option<Edits>,
     reject_invalid_json: bool,
 }
 
@@ -83,18 +97,32 @@ pub(crate) fn factory() -> Factory {
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
-    for (side, ops) in [("request", &c.request), ("response", &c.response)] {
-        for (k, v) in ops.iter().flat_map(|o| o.add.iter()) {
-            if let Value::String(s) = v {
-                crate::template(s, &format!("{side}.add.{k}"))?;
-            }
-        }
-    }
     Ok(Arc::new(BodyTransformer {
-        request: c.request,
-        response: c.response,
+        request: c.request.map(|o| edits(o, "request")).transpose()?,
+        response: c.response.map(|o| edits(o, "response")).transpose()?,
         reject_invalid_json: c.reject_invalid_json,
     }))
+}
+
+fn edits(ops: Ops, side: &str) -> Result<Edits, FieldError> {
+    let rename = ops
+        .rename
+        .into_iter()
+        .map(|(from, to)| (from, to.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let mut add = Vec::new();
+    for (path, v) in ops.add {
+        let value = match v {
+            Value::String(s) => Added::Text(crate::template(&s, &format!("{side}.add.{path}"))?),
+            v => Added::Json(v),
+        };
+        add.push((path, value));
+    }
+    Ok(Edits {
+        rename,
+        remove: ops.remove,
+        add,
+    })
 }
 
 fn is_json(content_type: Option<&str>) -> bool {
@@ -109,11 +137,11 @@ fn is_json(content_type: Option<&str>) -> bool {
     })
 }
 
-impl Ops {
+impl Edits {
     fn apply(&self, ctx: &Ctx, doc: &mut Value) {
         for (from, to) in &self.rename {
             if let Some(v) = take(doc, from) {
-                put(doc, to.as_str().unwrap_or_default(), v);
+                put(doc, to, v);
             }
         }
         for path in &self.remove {
@@ -121,8 +149,8 @@ impl Ops {
         }
         for (path, v) in &self.add {
             let v = match v {
-                Value::String(s) if s.contains('$') => Value::String(ctx.expand(s)),
-                v => v.clone(),
+                Added::Text(t) => Value::String(ctx.render(t)),
+                Added::Json(v) => v.clone(),
             };
             put(doc, path, v);
         }

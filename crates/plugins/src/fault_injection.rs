@@ -12,7 +12,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Resume};
+use turnpike_plugin::{
+    typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Resume, Template,
+};
 use turnpike_router::Expr;
 
 pub(crate) const NAME: &str = "fault-injection";
@@ -107,9 +109,8 @@ impl When {
 
 struct Abort {
     status: StatusCode,
-    /// The body, a `$variable` template.
-    body: String,
-    headers: Vec<(HeaderName, String)>,
+    body: Template,
+    headers: Vec<(HeaderName, Template)>,
     when: When,
 }
 
@@ -138,8 +139,7 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 fn abort(a: AbortConf) -> Result<Abort, FieldError> {
-    let body = a.body.unwrap_or_default();
-    crate::template(&body, "abort.body")?;
+    let body = crate::template(a.body.as_deref().unwrap_or_default(), "abort.body")?;
     let mut headers = Vec::new();
     for (k, v) in a.headers.iter().flatten() {
         let at = format!("abort.headers.{k}");
@@ -148,8 +148,7 @@ fn abort(a: AbortConf) -> Result<Abort, FieldError> {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        crate::template(&value, &at)?;
-        headers.push((name, value));
+        headers.push((name, crate::template(&value, &at)?));
     }
     Ok(Abort {
         status: StatusCode::from_u16(a.http_status)
@@ -162,9 +161,9 @@ fn abort(a: AbortConf) -> Result<Abort, FieldError> {
 
 impl Abort {
     fn reply(&self, ctx: &Ctx) -> Reply {
-        let mut reply = Reply::new(self.status).body(ctx.expand(&self.body));
+        let mut reply = Reply::new(self.status).body(ctx.render(&self.body));
         for (name, template) in &self.headers {
-            if let Ok(v) = HeaderValue::from_str(&ctx.expand(template)) {
+            if let Ok(v) = HeaderValue::from_str(&ctx.render(template)) {
                 reply.headers.insert(name.clone(), v);
             }
         }

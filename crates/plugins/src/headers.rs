@@ -4,7 +4,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
-use turnpike_plugin::{Ctx, FieldError};
+use turnpike_plugin::{Ctx, FieldError, Template};
 
 /// The schema of a `headers` field.
 pub(crate) fn schema() -> Value {
@@ -22,7 +22,7 @@ pub(crate) fn schema() -> Value {
 #[derive(Debug, Clone)]
 enum Text {
     Fixed(HeaderValue),
-    Template(String),
+    Template(Template),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -99,7 +99,7 @@ impl HeaderOps {
 fn value(ctx: &Ctx, t: &Text) -> Option<HeaderValue> {
     match t {
         Text::Fixed(v) => Some(v.clone()),
-        Text::Template(s) => HeaderValue::from_str(&ctx.expand(s)).ok(),
+        Text::Template(t) => HeaderValue::from_str(&ctx.render(t)).ok(),
     }
 }
 
@@ -114,11 +114,11 @@ fn text(v: &Value, path: &str) -> Result<Text, FieldError> {
         Value::Number(n) => n.to_string(),
         _ => return Err(FieldError::new(path, "must be a string or a number")),
     };
-    if s.contains('$') {
-        crate::template(&s, path)?;
-        return Ok(Text::Template(s));
-    }
-    HeaderValue::from_str(&s)
+    let template = crate::template(&s, path)?;
+    let Some(fixed) = template.fixed() else {
+        return Ok(Text::Template(template));
+    };
+    HeaderValue::from_str(&fixed)
         .map(Text::Fixed)
         .map_err(|_| FieldError::new(path, "not a valid header value"))
 }

@@ -73,9 +73,12 @@ pub(crate) fn header_name(
     })
 }
 
-/// Checks a `$variable` template from a config, naming the field.
-pub(crate) fn template(text: &str, field: &str) -> Result<(), turnpike_plugin::FieldError> {
-    turnpike_plugin::check_template(text).map_err(|e| turnpike_plugin::FieldError::new(field, e))
+/// Parses a `$variable` template from a config, naming the field.
+pub(crate) fn template(
+    text: &str,
+    field: &str,
+) -> Result<turnpike_plugin::Template, turnpike_plugin::FieldError> {
+    turnpike_plugin::Template::parse(text).map_err(|e| turnpike_plugin::FieldError::new(field, e))
 }
 
 /// A query string without the argument `name` (for `hide_credentials`).

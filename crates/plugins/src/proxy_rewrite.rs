@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply};
+use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Template};
 
 use crate::headers::HeaderOps;
 
@@ -40,8 +40,14 @@ struct Config {
     use_real_request_uri_unsafe: bool,
 }
 
+/// `uri`, split at its own `?` before any variable is filled in.
+struct UriTemplate {
+    path: Template,
+    query: Option<Template>,
+}
+
 struct ProxyRewrite {
-    uri: Option<String>,
+    uri: Option<UriTemplate>,
     regex: Vec<RegexUri>,
     method: Option<Method>,
     host: Option<http::HeaderValue>,
@@ -130,6 +136,17 @@ pub(crate) fn regex_rewrite(pairs: &[RegexUri], path: &str) -> Option<(String, O
     })
 }
 
+fn uri_template(uri: &str) -> Result<UriTemplate, FieldError> {
+    let (path, query) = match uri.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (uri, None),
+    };
+    Ok(UriTemplate {
+        path: crate::template(path, "uri")?,
+        query: query.map(|q| crate::template(q, "uri")).transpose()?,
+    })
+}
+
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
     let regex = regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri", env)?;
@@ -140,13 +157,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         })
         .transpose()?;
     Ok(Arc::new(ProxyRewrite {
-        uri: match c.uri {
-            Some(uri) => {
-                crate::template(&uri, "uri")?;
-                Some(uri)
-            }
-            None => None,
-        },
+        uri: c.uri.as_deref().map(uri_template).transpose()?,
         regex,
         method: c
             .method
@@ -163,10 +174,8 @@ impl ProxyRewrite {
     /// value is encoded into the path, never a query separator.
     fn new_path(&self, ctx: &Ctx) -> Option<(String, Option<String>)> {
         if let Some(uri) = &self.uri {
-            return Some(match uri.split_once('?') {
-                Some((p, q)) => (ctx.expand(p), Some(query_text(&ctx.expand(q)))),
-                None => (ctx.expand(uri), None),
-            });
+            let query = uri.query.as_ref().map(|q| query_text(&ctx.render(q)));
+            return Some((ctx.render(&uri.path), query));
         }
         regex_rewrite(&self.regex, ctx.path())
     }

@@ -7,7 +7,9 @@ use http::header::{HeaderValue, LOCATION};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use turnpike_plugin::{host_only, typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply};
+use turnpike_plugin::{
+    host_only, typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Template,
+};
 
 use crate::proxy_rewrite::{regex_pairs, regex_rewrite, RegexUri};
 
@@ -41,7 +43,7 @@ struct Config {
 
 struct Redirect {
     to_https: bool,
-    uri: Option<String>,
+    uri: Option<Template>,
     regex: Vec<RegexUri>,
     status: StatusCode,
     encode: bool,
@@ -62,13 +64,15 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
             "set exactly one of `uri`, `regex_uri` and `http_to_https: true`",
         ));
     }
-    if let Some(uri) = &c.uri {
-        crate::template(uri, "uri")?;
-    }
+    let uri = c
+        .uri
+        .as_deref()
+        .map(|u| crate::template(u, "uri"))
+        .transpose()?;
     Ok(Arc::new(Redirect {
         to_https: c.http_to_https.unwrap_or(false),
         regex: regex_pairs(c.regex_uri.as_deref().unwrap_or_default(), "regex_uri", env)?,
-        uri: c.uri,
+        uri,
         status: StatusCode::from_u16(c.ret_code)
             .map_err(|_| FieldError::new("ret_code", "not an HTTP status"))?,
         encode: c.encode_uri,
@@ -92,7 +96,7 @@ impl Redirect {
             return Some((status, format!("https://{host}{pq}")));
         }
         let mut to = match &self.uri {
-            Some(uri) => ctx.expand(uri),
+            Some(uri) => ctx.render(uri),
             None => match regex_rewrite(&self.regex, ctx.path())? {
                 (path, Some(query)) => format!("{path}?{query}"),
                 (path, None) => path,
