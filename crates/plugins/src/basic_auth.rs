@@ -58,17 +58,11 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 fn credentials(list: &[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)> {
-    let mut users = HashMap::new();
-    for (i, (consumer, cred)) in list.iter().enumerate() {
+    let users = crate::credential_index(list, "username", |consumer, cred| {
         let user = cred["username"].as_str().unwrap_or_default().to_owned();
         let password = cred["password"].as_str().unwrap_or_default().to_owned();
-        if users.insert(user, (password, consumer.clone())).is_some() {
-            return Err((
-                i,
-                FieldError::new("username", "duplicate username: another consumer has it"),
-            ));
-        }
-    }
+        Ok((user, (password, consumer.clone())))
+    })?;
     Ok(Arc::new(Users(users)))
 }
 

@@ -99,17 +99,11 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 fn credentials(list: &[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)> {
-    let mut keys = HashMap::new();
-    for (i, (consumer, cred)) in list.iter().enumerate() {
-        let cred: Credential = typed(cred.clone()).map_err(|e| (i, e))?;
-        let verifier = verifier(consumer.clone(), &cred).map_err(|e| (i, e))?;
-        if keys.insert(cred.key, verifier).is_some() {
-            return Err((
-                i,
-                FieldError::new("key", "duplicate key: another consumer has it"),
-            ));
-        }
-    }
+    let keys = crate::credential_index(list, "key", |consumer, cred| {
+        let cred: Credential = typed(cred.clone())?;
+        let verifier = verifier(consumer.clone(), &cred)?;
+        Ok((cred.key, verifier))
+    })?;
     Ok(Arc::new(Keys(keys)))
 }
 

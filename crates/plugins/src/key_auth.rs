@@ -62,16 +62,10 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 fn credentials(list: &[(Arc<Consumer>, Value)]) -> Result<Index, (usize, FieldError)> {
-    let mut keys = HashMap::new();
-    for (i, (consumer, cred)) in list.iter().enumerate() {
+    let keys = crate::credential_index(list, "key", |consumer, cred| {
         let key = cred["key"].as_str().unwrap_or_default().to_owned();
-        if keys.insert(key, consumer.clone()).is_some() {
-            return Err((
-                i,
-                FieldError::new("key", "duplicate key: another consumer has it"),
-            ));
-        }
-    }
+        Ok((key, consumer.clone()))
+    })?;
     Ok(Arc::new(Keys(keys)))
 }
 

@@ -73,6 +73,28 @@ pub(crate) fn header_name(
     })
 }
 
+/// An authentication plugin's lookup: each consumer's credential turned
+/// into (unique field value, entry) by `entry`. Two credentials with the
+/// same value at `field` are refused, naming the second.
+pub(crate) fn credential_index<V>(
+    list: &[(std::sync::Arc<turnpike_plugin::Consumer>, serde_json::Value)],
+    field: &str,
+    entry: impl Fn(
+        &std::sync::Arc<turnpike_plugin::Consumer>,
+        &serde_json::Value,
+    ) -> Result<(String, V), turnpike_plugin::FieldError>,
+) -> Result<std::collections::HashMap<String, V>, (usize, turnpike_plugin::FieldError)> {
+    let mut index = std::collections::HashMap::new();
+    for (i, (consumer, cred)) in list.iter().enumerate() {
+        let (unique, value) = entry(consumer, cred).map_err(|e| (i, e))?;
+        if index.insert(unique, value).is_some() {
+            let message = format!("duplicate {field}: another consumer has it");
+            return Err((i, turnpike_plugin::FieldError::new(field, message)));
+        }
+    }
+    Ok(index)
+}
+
 /// Parses a `$variable` template from a config, naming the field.
 pub(crate) fn template(
     text: &str,
