@@ -452,10 +452,12 @@ impl Compiler<'_> {
                 .iter()
                 .any(|e| self.registry.is_credential(e.name))
         };
+        let global_reads = global.reads_body();
+        let global_authenticates = authenticates(global);
         for r in routes {
-            r.reads_body = global.reads_body()
+            r.reads_body = global_reads
                 || r.chain.reads_body()
-                || (consumers_read && (authenticates(&r.chain) || authenticates(global)));
+                || (consumers_read && (global_authenticates || authenticates(&r.chain)));
         }
     }
 

@@ -147,8 +147,8 @@ async fn run_entry(phase: Phase, e: &Entry, ctx: &mut Ctx) -> Option<Reply> {
 /// its plugins then join at once, as APISIX's `rewrite_in_consumer` does:
 /// those ranked above the point reached run next, except where the route's
 /// own config of the same plugin has already had its turn in this phase.
-struct Order {
-    route: Chain,
+struct Order<'r> {
+    route: &'r Chain,
     consumer: Option<Chain>,
     i: usize,
     j: usize,
@@ -157,10 +157,10 @@ struct Order {
     visited: u128,
 }
 
-impl Order {
-    fn new(route: &Chain, ctx: &Ctx) -> Order {
+impl<'r> Order<'r> {
+    fn new(route: &'r Chain, ctx: &Ctx) -> Order<'r> {
         Order {
-            route: route.clone(),
+            route,
             consumer: consumer_chain(ctx),
             i: 0,
             j: 0,
