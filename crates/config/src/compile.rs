@@ -416,6 +416,7 @@ impl Compiler<'_> {
     /// `plugins.{name}.{field}`.
     fn entries(&mut self, label: &str, plugins: Option<&Plugins>) -> Vec<Entry> {
         let mut out = Vec::new();
+        self.env.set_owner(label);
         for (name, config) in plugins.into_iter().flatten() {
             match self.registry.entry(name, config, &self.env) {
                 Ok(e) => out.push(e),

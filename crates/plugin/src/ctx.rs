@@ -98,6 +98,10 @@ pub struct Ctx {
     /// Whether the whole response body was sent (for `log`): false when
     /// the client went away or the upstream failed part-way.
     pub response_complete: bool,
+    /// What plugins keep for their own later phases (`limit-conn` the key
+    /// it counted a request under, for `log`), by type. Empty, and free,
+    /// unless a plugin uses it.
+    pub stash: http::Extensions,
 }
 
 impl Ctx {
@@ -128,6 +132,7 @@ impl Ctx {
             status: None,
             response_bytes: 0,
             response_complete: false,
+            stash: http::Extensions::new(),
         }
     }
 

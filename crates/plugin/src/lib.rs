@@ -38,12 +38,14 @@ mod ctx;
 mod flow;
 mod registry;
 mod schema;
+mod state;
 
 pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase};
 pub use ctx::{host_only, Conn, Consumer, Ctx, Template};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::fill_defaults;
+pub use state::States;
 
 /// The most a plugin may make Turnpike hold of a request or response body
 /// in memory (request-validation, body-transformer, forward-auth's POST).

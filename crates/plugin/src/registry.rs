@@ -10,6 +10,7 @@ use serde_json::Value;
 use turnpike_router::Expr;
 
 use crate::schema::{fill_defaults, pointer_to_path};
+use crate::state::States;
 use crate::{Consumer, Entry, Plugin};
 
 /// A plugin's lookup from credentials to consumers (the keys of every
@@ -114,10 +115,15 @@ pub fn typed<T: DeserializeOwned>(config: Value) -> Result<T, FieldError> {
     })
 }
 
-/// What building a plugin may need from the rest of the snapshot.
+/// What building a plugin may need from the rest of the snapshot, and from
+/// the process: state that outlives snapshots, and which resource the
+/// plugin is being built for.
 #[derive(Default)]
 pub struct Env {
     indexes: HashMap<&'static str, Index>,
+    states: Arc<States>,
+    /// The resource whose plugins are being built: `route 1`, `service s`.
+    owner: String,
     /// Regexes compiled so far in this snapshot, by pattern: ten thousand
     /// routes with the same `regex_uri` compile it once (compiling is what
     /// a reload spends most on otherwise) and share the program.
@@ -125,6 +131,25 @@ pub struct Env {
 }
 
 impl Env {
+    /// The resource whose plugins are being built, as errors name it:
+    /// `route 1`, `service s`, `global rule 1`, `consumer jack`.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Sets the resource whose plugins are built next.
+    pub fn set_owner(&mut self, owner: &str) {
+        owner.clone_into(&mut self.owner);
+    }
+
+    /// State kept across reloads (see [`States`]): the same key gets the
+    /// same value while a snapshot still holds it. Keys are the plugin's
+    /// to choose; put the plugin's name, the owner and whatever config
+    /// change should start afresh into them.
+    pub fn state<T: Any + Send + Sync>(&self, key: &str, make: impl FnOnce() -> T) -> Arc<T> {
+        self.states.get(key, make)
+    }
+
     /// Compiles `pattern`, or returns the copy compiled earlier.
     pub fn regex(&self, pattern: &str) -> Result<regex::Regex, String> {
         // Only the config compiler, on one thread, ever takes this lock.
@@ -167,6 +192,8 @@ impl Known {
 pub struct Registry {
     plugins: Vec<Known>,
     by_name: HashMap<&'static str, usize>,
+    /// Plugin state for the life of the process; see [`Env::state`].
+    states: Arc<States>,
 }
 
 impl Registry {
@@ -191,7 +218,11 @@ impl Registry {
                 consumer,
             });
         }
-        Registry { plugins, by_name }
+        Registry {
+            plugins,
+            by_name,
+            states: Arc::default(),
+        }
     }
 
     /// Compiles every schema now. A built-in schema that does not compile
@@ -274,7 +305,12 @@ impl Registry {
         &self,
         mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
     ) -> (Env, Vec<CredentialError>) {
-        let mut env = Env::default();
+        // Once per compile: forget state the last snapshots let go of.
+        self.states.prune();
+        let mut env = Env {
+            states: self.states.clone(),
+            ..Env::default()
+        };
         let mut errors = Vec::new();
         for known in &self.plugins {
             let Some(build) = known.factory.credentials else {
