@@ -19,10 +19,15 @@ mod headers;
 mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
+mod limit_conn;
+mod limit_count;
+mod limit_req;
+mod limits;
 mod mocking;
 mod proxy_mirror;
 mod proxy_rewrite;
 mod redirect;
+mod redis;
 mod request_id;
 mod request_validation;
 mod response_rewrite;
@@ -44,6 +49,9 @@ pub fn factories() -> Vec<Factory> {
         body_transformer::factory(),
         proxy_mirror::factory(),
         proxy_rewrite::factory(),
+        limit_conn::factory(),
+        limit_count::factory(),
+        limit_req::factory(),
         redirect::factory(),
         response_rewrite::factory(),
     ]

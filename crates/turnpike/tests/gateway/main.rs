@@ -2,9 +2,11 @@
 //! servers, everything on 127.0.0.1 ephemeral ports.
 
 mod harness;
+mod services;
 
 mod balancing;
 mod lifecycle;
+mod limits;
 mod plugins;
 mod proxying;
 mod reload;
