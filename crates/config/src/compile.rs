@@ -91,6 +91,7 @@ struct Compiler<'p> {
 }
 
 struct ServiceRef {
+    name: Option<Arc<str>>,
     upstream: Option<Arc<Upstream>>,
     hosts: Vec<String>,
     websocket: bool,
@@ -140,6 +141,7 @@ impl Compiler<'_> {
             by_id.insert(
                 id,
                 ServiceRef {
+                    name: s.name.as_deref().map(Arc::from),
                     upstream,
                     hosts,
                     websocket: s.enable_websocket.unwrap_or(false),
@@ -248,6 +250,8 @@ impl Compiler<'_> {
                 reads_body: false,
                 id: id.0.into(),
                 service_id: r.service_id.as_ref().map(|s| s.0.as_str().into()),
+                name: r.name.as_deref().map(Arc::from),
+                service_name: service.and_then(|s| s.name.clone()),
                 websocket: r
                     .enable_websocket
                     .or(service.map(|s| s.websocket))

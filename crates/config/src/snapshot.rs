@@ -51,6 +51,9 @@ impl Snapshot {
 pub struct Route {
     pub id: Arc<str>,
     pub service_id: Option<Arc<str>>,
+    /// `name` of the route and of its service, for metrics and logs.
+    pub name: Option<Arc<str>>,
+    pub service_name: Option<Arc<str>>,
     pub upstream: Arc<Upstream>,
     /// The upstream's timeouts with the route's `timeout` over them.
     pub timeouts: Timeouts,

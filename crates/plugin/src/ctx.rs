@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, COOKIE};
@@ -83,6 +84,9 @@ pub struct Ctx {
     pub upstream_host: Option<HeaderValue>,
     pub route_id: Option<Arc<str>>,
     pub service_id: Option<Arc<str>>,
+    /// The route's and service's `name`, when they have one.
+    pub route_name: Option<Arc<str>>,
+    pub service_name: Option<Arc<str>>,
     /// Set by the authentication plugin that recognised the client.
     pub consumer: Option<Arc<Consumer>>,
     /// The request body, read whole when a plugin on the chain asked for it;
@@ -102,6 +106,12 @@ pub struct Ctx {
     /// it counted a request under, for `log`), by type. Empty, and free,
     /// unless a plugin uses it.
     pub stash: http::Extensions,
+    /// When the request arrived (for latencies in `log`).
+    pub started: Instant,
+    /// The node the request was last sent to (`upstream_addr`).
+    pub upstream_addr: Option<Arc<str>>,
+    /// From sending the request upstream to its response head.
+    pub upstream_latency: Option<Duration>,
 }
 
 impl Ctx {
@@ -126,6 +136,8 @@ impl Ctx {
             upstream_host: None,
             route_id: None,
             service_id: None,
+            route_name: None,
+            service_name: None,
             consumer: None,
             body: None,
             response_headers: HeaderMap::new(),
@@ -133,6 +145,9 @@ impl Ctx {
             response_bytes: 0,
             response_complete: false,
             stash: http::Extensions::new(),
+            started: Instant::now(),
+            upstream_addr: None,
+            upstream_latency: None,
         }
     }
 
@@ -295,8 +310,7 @@ impl VarSource for Ctx {
             Var::RequestId => text(&self.request_id),
             Var::ConsumerName => self.consumer.as_ref().map(|c| Cow::Borrowed(&*c.username)),
             Var::Status => self.status.as_ref().map(|s| Cow::Borrowed(s.as_str())),
-            // Known to the proxy only while it sends; not kept on the request.
-            Var::UpstreamAddr => None,
+            Var::UpstreamAddr => self.upstream_addr.as_deref().map(Cow::Borrowed),
         }
     }
 }

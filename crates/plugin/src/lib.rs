@@ -36,6 +36,7 @@
 mod chain;
 mod ctx;
 mod flow;
+pub mod metrics;
 mod registry;
 mod schema;
 mod state;

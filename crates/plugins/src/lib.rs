@@ -24,6 +24,7 @@ mod limit_count;
 mod limit_req;
 mod limits;
 mod mocking;
+mod prometheus;
 mod proxy_mirror;
 mod proxy_rewrite;
 mod redirect;
@@ -54,6 +55,7 @@ pub fn factories() -> Vec<Factory> {
         limit_req::factory(),
         redirect::factory(),
         response_rewrite::factory(),
+        prometheus::factory(),
     ]
 }
 

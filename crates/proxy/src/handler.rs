@@ -36,6 +36,7 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
 ) -> Response<ProxyBody> {
     let snapshot = shared.snapshot.load_full();
+    crate::metrics::gateway().requests.inc();
     let (mut parts, body) = req.into_parts();
     let request_id = match parts.headers.get(&X_REQUEST_ID) {
         Some(id) if usable_request_id(id) => id.clone(),
@@ -103,6 +104,8 @@ fn route(snapshot: &Snapshot, ctx: &mut Ctx) -> Result<usize, Failure> {
     let route = &snapshot.routes[index];
     ctx.route_id = Some(route.id.clone());
     ctx.service_id = route.service_id.clone();
+    ctx.route_name = route.name.clone();
+    ctx.service_name = route.service_name.clone();
     Ok(index)
 }
 
@@ -135,14 +138,15 @@ const MAX_TRIED: usize = 16;
 
 /// Sends the request upstream, trying other nodes while they cannot be
 /// reached. The body is `ctx.body` when a plugin read it, else `incoming`.
-/// With `keep_headers`, the request's headers (as sent) are back in `ctx`
-/// afterwards, for the response phases.
+/// With `for_plugins`, the request's headers (as sent) are back in `ctx`
+/// afterwards, for the response phases, with the node and the upstream's
+/// latency (`log` reads them).
 pub(crate) async fn forward(
     route: &Route,
     ctx: &mut Ctx,
     incoming: Option<Incoming>,
     client_body_timeout: Duration,
-    keep_headers: bool,
+    for_plugins: bool,
 ) -> Response<ProxyBody> {
     let upstream: &Upstream = &route.upstream;
     let upgrade =
@@ -182,9 +186,13 @@ pub(crate) async fn forward(
             .tracks_load()
             .then(|| LoadGuard::new(&route.upstream, node));
         let read = route.timeouts.read;
+        let sent_at = Instant::now();
+        if for_plugins {
+            ctx.upstream_addr = Some(upstream.nodes[node].addr.clone());
+        }
         // The response phases read the request's headers: the own client
         // hands them back, the others need a copy.
-        let copy = (keep_headers && !goes_inline(&target, &client_upgrade, sent.as_ref()))
+        let copy = (for_plugins && !goes_inline(&target, &client_upgrade, sent.as_ref()))
             .then(|| req.headers().clone());
         let result = exchange(
             &target,
@@ -197,8 +205,9 @@ pub(crate) async fn forward(
         .await;
         match result {
             Ok((resp, back)) => {
-                if keep_headers {
+                if for_plugins {
                     ctx.req.headers = back.or(copy).unwrap_or_default();
+                    ctx.upstream_latency = Some(sent_at.elapsed());
                 }
                 return resp;
             }

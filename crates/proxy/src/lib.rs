@@ -14,6 +14,7 @@ mod h1;
 mod handler;
 mod headers;
 mod idle;
+mod metrics;
 mod phases;
 mod pool;
 mod server;

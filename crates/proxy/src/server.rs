@@ -195,7 +195,9 @@ async fn accept_loop(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let counted = crate::metrics::gateway().connection();
         tokio::spawn(async move {
+            let _counted = counted;
             if let Err(e) = conn.await {
                 tracing::debug!("connection from {remote} ended: {e}");
             }

@@ -1,5 +1,6 @@
-//! The status listener: `/healthz` (the process is up) and `/readyz` (a
-//! config is loaded and the gateway is not draining). It runs apart from the
+//! The status listener: `/healthz` (the process is up), `/readyz` (a
+//! config is loaded and the gateway is not draining) and `/metrics`
+//! (Prometheus; also at APISIX's `/apisix/prometheus/metrics`). It runs apart from the
 //! workers, so a probe answers even when proxy traffic is heavy.
 
 use std::convert::Infallible;
@@ -16,6 +17,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use turnpike_plugin::metrics;
 
 use crate::Shared;
 
@@ -57,6 +60,15 @@ pub async fn serve_status(addr: &str, shared: Arc<Shared>) -> std::io::Result<So
 fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let revision = shared.snapshot.load().revision;
     match req.uri().path() {
+        "/metrics" | "/apisix/prometheus/metrics" => {
+            crate::metrics::gateway().revision.set(revision as i64);
+            let mut resp = Response::new(Full::new(Bytes::from(metrics::render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            resp
+        }
         "/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}".into()),
         "/readyz" => {
             // A Shared always holds a loaded snapshot (the process does not

@@ -7,6 +7,7 @@ mod services;
 mod balancing;
 mod lifecycle;
 mod limits;
+mod observability;
 mod plugins;
 mod proxying;
 mod reload;

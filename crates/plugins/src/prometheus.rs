@@ -1,0 +1,229 @@
+//! `prometheus`: counts the requests of the routes it is on (usually as a
+//! global rule) into APISIX's metrics, served at `/metrics` on the status
+//! listener:
+//!
+//! - `apisix_http_status{code, route, service, consumer, node}`: responses;
+//! - `apisix_http_latency{type, route, service, consumer, node}`, in ms:
+//!   `request` (arrival to the last byte sent), `upstream` (request sent
+//!   upstream to its response head), `apisix` (the rest: the gateway's own
+//!   time, plugins included);
+//! - `apisix_bandwidth{type, route, service, consumer, node}`, in bytes:
+//!   `ingress` (request line, headers and body received) and `egress`
+//!   (status line, headers and body sent).
+//!
+//! Label values are ids (or names with `prefer_name`), never paths, so
+//! the number of series is bounded by the configuration. Recording is a
+//! few atomic additions in the `log` phase, after the response is sent.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use turnpike_plugin::metrics::{register, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Plugin};
+
+pub(crate) const NAME: &str = "prometheus";
+pub(crate) const PRIORITY: i32 = 500;
+
+/// APISIX's default latency buckets, in milliseconds.
+const BUCKETS: [f64; 15] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0,
+    60000.0,
+];
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "prefer_name": {"type": "boolean", "default": false}
+        },
+        "additionalProperties": false
+    })
+}
+
+#[derive(Deserialize)]
+struct Config {
+    prefer_name: bool,
+}
+
+struct Prometheus {
+    prefer_name: bool,
+    metrics: &'static Metrics,
+}
+
+struct Metrics {
+    status: IntCounterVec,
+    latency: HistogramVec,
+    bandwidth: IntCounterVec,
+}
+
+const LABELS: [&str; 4] = ["route", "service", "consumer", "node"];
+
+fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        // Names and label sets are constants; `registers` tests them.
+        let labels = |first: &'static str| {
+            let mut all = vec![first];
+            all.extend(LABELS);
+            all
+        };
+        let status = IntCounterVec::new(
+            Opts::new("apisix_http_status", "Responses by status code"),
+            &labels("code"),
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "apisix_http_latency",
+                "Latency in milliseconds: request, upstream, apisix",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &labels("type"),
+        )
+        .expect("valid metric");
+        let bandwidth = IntCounterVec::new(
+            Opts::new(
+                "apisix_bandwidth",
+                "Bytes: ingress (received), egress (sent)",
+            ),
+            &labels("type"),
+        )
+        .expect("valid metric");
+        Metrics {
+            status: register(status),
+            latency: register(latency),
+            bandwidth: register(bandwidth),
+        }
+    })
+}
+
+fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    let c: Config = typed(config)?;
+    Ok(Arc::new(Prometheus {
+        prefer_name: c.prefer_name,
+        metrics: metrics(),
+    }))
+}
+
+pub(crate) fn factory() -> Factory {
+    Factory::new(NAME, PRIORITY, schema, build)
+}
+
+impl Plugin for Prometheus {
+    fn log(&self, ctx: &Ctx) {
+        let pick = |name: &Option<Arc<str>>, id: &Option<Arc<str>>| -> Arc<str> {
+            let chosen = if self.prefer_name {
+                name.as_ref().or(id.as_ref())
+            } else {
+                id.as_ref()
+            };
+            chosen.cloned().unwrap_or_else(|| Arc::from(""))
+        };
+        let route = pick(&ctx.route_name, &ctx.route_id);
+        let service = pick(&ctx.service_name, &ctx.service_id);
+        let consumer = ctx.consumer.as_ref().map_or("", |c| &c.username);
+        let node = ctx.upstream_addr.as_deref().unwrap_or("");
+        let rest = [&*route, &*service, consumer, node];
+        let labels = |first| with_first(first, &rest);
+        let code = ctx.status.as_ref().map_or("0", |s| s.as_str());
+        let m = self.metrics;
+        m.status.with_label_values(&labels(code)).inc();
+
+        let request = ctx.started.elapsed();
+        let upstream = ctx.upstream_latency.unwrap_or_default();
+        m.latency
+            .with_label_values(&labels("request"))
+            .observe(ms(request));
+        if ctx.upstream_latency.is_some() {
+            m.latency
+                .with_label_values(&labels("upstream"))
+                .observe(ms(upstream));
+        }
+        m.latency
+            .with_label_values(&labels("apisix"))
+            .observe(ms(request.saturating_sub(upstream)));
+
+        m.bandwidth
+            .with_label_values(&labels("ingress"))
+            .inc_by(request_bytes(ctx));
+        m.bandwidth
+            .with_label_values(&labels("egress"))
+            .inc_by(response_bytes(ctx));
+    }
+}
+
+fn with_first<'a>(first: &'a str, rest: &[&'a str; 4]) -> [&'a str; 5] {
+    [first, rest[0], rest[1], rest[2], rest[3]]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The request's size as received: request line, headers, body.
+fn request_bytes(ctx: &Ctx) -> u64 {
+    let line = ctx.req.method.as_str().len() + ctx.req.uri.to_string().len() + 11;
+    let body = ctx
+        .header("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    line as u64 + headers_bytes(&ctx.req.headers) + body
+}
+
+/// The response's size as sent: an HTTP/1.1 status line, the headers the
+/// plugins saw, the body bytes sent.
+fn response_bytes(ctx: &Ctx) -> u64 {
+    17 + headers_bytes(&ctx.response_headers) + ctx.response_bytes
+}
+
+fn headers_bytes(headers: &http::HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>() as u64
+        + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{ctx, entry};
+
+    #[test]
+    fn registers_and_counts_by_route_and_status() {
+        let e = entry(NAME, json!({}));
+        let mut c = ctx("/x");
+        c.route_id = Some("r-prom".into());
+        c.status = Some(http::StatusCode::IM_A_TEAPOT);
+        e.plugin.log(&c);
+        e.plugin.log(&c);
+        let text = String::from_utf8(turnpike_plugin::metrics::render()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("apisix_http_status{") && l.contains("route=\"r-prom\""))
+            .expect("a series for the route");
+        assert!(line.contains("code=\"418\""), "{line}");
+        assert!(line.ends_with(" 2"), "{line}");
+        assert!(
+            text.contains("apisix_http_latency_bucket{consumer=\"\",node=\"\",route=\"r-prom\"")
+        );
+        assert!(
+            !text.contains("type=\"upstream\",route=\"r-prom\""),
+            "no upstream, no upstream latency"
+        );
+    }
+
+    #[test]
+    fn prefer_name_labels_by_name() {
+        let e = entry(NAME, json!({"prefer_name": true}));
+        let mut c = ctx("/x");
+        c.route_id = Some("r-id-9".into());
+        c.route_name = Some("orders".into());
+        e.plugin.log(&c);
+        let text = String::from_utf8(turnpike_plugin::metrics::render()).unwrap();
+        assert!(text.contains("route=\"orders\""));
+        assert!(!text.contains("route=\"r-id-9\""));
+    }
+}

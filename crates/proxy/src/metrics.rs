@@ -1,0 +1,75 @@
+//! The gateway's own metrics (connections, requests), beside those of the
+//! `prometheus` plugin, in the process's one registry
+//! ([`turnpike_plugin::metrics`]).
+
+use std::sync::OnceLock;
+
+use turnpike_plugin::metrics::{register, IntCounter, IntGauge, IntGaugeVec, Opts};
+
+pub(crate) struct Gateway {
+    /// `state`: `active` (open now), `accepted` and `handled` (since start).
+    connections: IntGaugeVec,
+    /// Every request received, routed or not.
+    pub requests: IntCounter,
+    /// The configuration revision being served.
+    pub revision: IntGauge,
+}
+
+pub(crate) fn gateway() -> &'static Gateway {
+    static GATEWAY: OnceLock<Gateway> = OnceLock::new();
+    GATEWAY.get_or_init(|| {
+        // Names and label sets are constants, checked by the tests.
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "apisix_nginx_http_current_connections",
+                "Client connections by state: active now; accepted and handled since start",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let requests = IntCounter::new("apisix_http_requests_total", "Requests received")
+            .expect("valid metric");
+        let revision = IntGauge::new(
+            "turnpike_config_revision",
+            "Revision of the configuration being served",
+        )
+        .expect("valid metric");
+        let node = IntGaugeVec::new(
+            Opts::new("apisix_node_info", "This gateway node"),
+            &["hostname", "version"],
+        )
+        .expect("valid metric");
+        node.with_label_values(&[&hostname(), env!("CARGO_PKG_VERSION")])
+            .set(1);
+        register(node);
+        Gateway {
+            connections: register(connections),
+            requests: register(requests),
+            revision: register(revision),
+        }
+    })
+}
+
+impl Gateway {
+    /// A client connection was accepted; the guard marks it handled when dropped.
+    pub(crate) fn connection(&'static self) -> ConnectionGuard {
+        self.connections.with_label_values(&["accepted"]).inc();
+        self.connections.with_label_values(&["active"]).inc();
+        ConnectionGuard(self)
+    }
+}
+
+pub(crate) struct ConnectionGuard(&'static Gateway);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.with_label_values(&["active"]).dec();
+        self.0.connections.with_label_values(&["handled"]).inc();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
