@@ -41,6 +41,10 @@ pub fn compile(
     };
     let upstream_ids = c.upstreams(res);
     let consumers = c.consumers(res);
+    for (id, upstream) in &upstream_ids {
+        c.env
+            .add_upstream(format!("upstreams/{id}"), upstream.clone());
+    }
     let global = c.global_rules(res);
     let services = c.services(res, &upstream_ids);
     let plugin_configs = c.plugin_sets(&res.plugin_configs, "plugin config");
@@ -422,12 +426,75 @@ impl Compiler<'_> {
         let mut out = Vec::new();
         self.env.set_owner(label);
         for (name, config) in plugins.into_iter().flatten() {
+            self.plugin_upstreams(label, name, config, String::new());
             match self.registry.entry(name, config, &self.env) {
                 Ok(e) => out.push(e),
                 Err(errors) => self.plugin_errors(label, name, errors),
             }
         }
         out
+    }
+
+    /// Compiles the upstreams written inline in a plugin's config (any
+    /// object under an `upstream` key, as traffic-split's
+    /// `weighted_upstreams[].upstream`), for the plugin to find with
+    /// `Env::upstream`.
+    fn plugin_upstreams(
+        &mut self,
+        label: &str,
+        name: &str,
+        config: &serde_json::Value,
+        pointer: String,
+    ) {
+        let children: Vec<(String, &serde_json::Value)> = match config {
+            serde_json::Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        format!("{pointer}/{}", k.replace('~', "~0").replace('/', "~1")),
+                        v,
+                    )
+                })
+                .collect(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{pointer}/{i}"), v))
+                .collect(),
+            _ => return,
+        };
+        for (at, value) in children {
+            if at.ends_with("/upstream") && value.is_object() {
+                self.plugin_upstream(label, name, value, &at);
+            } else {
+                self.plugin_upstreams(label, name, value, at);
+            }
+        }
+    }
+
+    fn plugin_upstream(
+        &mut self,
+        label: &str,
+        name: &str,
+        value: &serde_json::Value,
+        pointer: &str,
+    ) {
+        let path = format!(
+            "plugins.{name}.{}",
+            turnpike_plugin::pointer_to_path(pointer)
+        );
+        match serde_path_to_error::deserialize::<_, model::Upstream>(value) {
+            Ok(u) => {
+                let key = self.env.inline_key(name, pointer);
+                if let Some(up) = self.upstream(&u, key.clone(), label, &path) {
+                    self.env.add_upstream(key, up);
+                }
+            }
+            Err(e) => {
+                let inner = e.path().to_string();
+                self.err(label, format!("{path}.{inner}"), e.into_inner().to_string());
+            }
+        }
     }
 
     fn plugin_errors(&mut self, label: &str, name: &str, errors: Vec<turnpike_plugin::FieldError>) {

@@ -106,6 +106,9 @@ pub struct Ctx {
     /// it counted a request under, for `log`), by type. Empty, and free,
     /// unless a plugin uses it.
     pub stash: http::Extensions,
+    /// Sends the request to this upstream instead of the route's (set by
+    /// traffic-split, api-breaker's fallback; from [`crate::Env::upstream`]).
+    pub upstream_override: Option<crate::Index>,
     /// When the request arrived (for latencies in `log`).
     pub started: Instant,
     /// The node the request was last sent to (`upstream_addr`).
@@ -145,6 +148,7 @@ impl Ctx {
             response_bytes: 0,
             response_complete: false,
             stash: http::Extensions::new(),
+            upstream_override: None,
             started: Instant::now(),
             upstream_addr: None,
             upstream_latency: None,

@@ -45,7 +45,7 @@ pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, E
 pub use ctx::{host_only, Conn, Consumer, Ctx, Template};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
-pub use schema::fill_defaults;
+pub use schema::{fill_defaults, pointer_to_path};
 pub use state::States;
 
 /// The most a plugin may make Turnpike hold of a request or response body

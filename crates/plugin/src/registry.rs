@@ -124,6 +124,10 @@ pub struct Env {
     states: Arc<States>,
     /// The resource whose plugins are being built: `route 1`, `service s`.
     owner: String,
+    /// Upstreams plugins may send requests to (traffic-split, api-breaker's
+    /// fallback), by [`Env::upstream`]'s key; opaque here, the config
+    /// crate's `Upstream` to the proxy.
+    upstreams: HashMap<String, Index>,
     /// Regexes compiled so far in this snapshot, by pattern: ten thousand
     /// routes with the same `regex_uri` compile it once (compiling is what
     /// a reload spends most on otherwise) and share the program.
@@ -140,6 +144,41 @@ impl Env {
     /// Sets the resource whose plugins are built next.
     pub fn set_owner(&mut self, owner: &str) {
         owner.clone_into(&mut self.owner);
+    }
+
+    /// Makes `upstream` reachable by `key`: `upstreams/{id}` for the
+    /// upstreams resources, [`Env::inline_key`] for one written in a
+    /// plugin's config.
+    pub fn add_upstream(&mut self, key: String, upstream: Index) {
+        self.upstreams.insert(key, upstream);
+    }
+
+    /// The key of an upstream written inline in plugin `plugin`'s config of
+    /// the current owner, at JSON pointer `pointer`
+    /// (`/rules/0/weighted_upstreams/1/upstream`).
+    pub fn inline_key(&self, plugin: &str, pointer: &str) -> String {
+        format!("{}|{plugin}{pointer}", self.owner)
+    }
+
+    /// An upstream for a plugin to send requests to, for
+    /// [`Ctx::upstream_override`](crate::Ctx::upstream_override): by
+    /// `upstream_id`, or written inline in the plugin's config at
+    /// `pointer`. The error names `field`.
+    pub fn upstream(
+        &self,
+        plugin: &str,
+        id: Option<&str>,
+        pointer: &str,
+        field: &str,
+    ) -> Result<Index, FieldError> {
+        let key = match id {
+            Some(id) => format!("upstreams/{id}"),
+            None => self.inline_key(plugin, pointer),
+        };
+        self.upstreams.get(&key).cloned().ok_or_else(|| match id {
+            Some(id) => FieldError::new(field, format!("upstream `{id}` does not exist")),
+            None => FieldError::new(field, "the upstream did not compile"),
+        })
     }
 
     /// State kept across reloads (see [`States`]): the same key gets the

@@ -35,7 +35,7 @@ pub fn fill_defaults(schema: &Value, value: &mut Value) {
 
 /// A JSON pointer (`/headers/set/0`) as the field path our errors use
 /// (`headers.set[0]`).
-pub(crate) fn pointer_to_path(pointer: &str) -> String {
+pub fn pointer_to_path(pointer: &str) -> String {
     let mut out = String::new();
     for seg in pointer.split('/').skip(1) {
         let seg = seg.replace("~1", "/").replace("~0", "~");

@@ -32,6 +32,7 @@ mod redis;
 mod request_id;
 mod request_validation;
 mod response_rewrite;
+mod traffic_split;
 
 /// Every plugin this build ships.
 pub fn factories() -> Vec<Factory> {
@@ -53,6 +54,7 @@ pub fn factories() -> Vec<Factory> {
         limit_conn::factory(),
         limit_count::factory(),
         limit_req::factory(),
+        traffic_split::factory(),
         redirect::factory(),
         response_rewrite::factory(),
         prometheus::factory(),

@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Upstream};
+use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream};
 use turnpike_plugin::{host_only, Conn, Ctx};
 use turnpike_router::{encode_path, normalize_path, VarSource};
 
@@ -148,7 +148,17 @@ pub(crate) async fn forward(
     client_body_timeout: Duration,
     for_plugins: bool,
 ) -> Response<ProxyBody> {
-    let upstream: &Upstream = &route.upstream;
+    // A plugin (traffic-split, api-breaker) may have chosen another
+    // upstream; its own timeouts then apply.
+    let chosen = ctx
+        .upstream_override
+        .take()
+        .and_then(|u| u.downcast::<Upstream>().ok());
+    let (upstream_arc, timeouts) = match &chosen {
+        Some(u) => (u, u.timeouts),
+        None => (&route.upstream, route.timeouts),
+    };
+    let upstream: &Upstream = upstream_arc;
     let upgrade =
         route.websocket && ctx.req.version == Version::HTTP_11 && wants_upgrade(&ctx.req.headers);
     let mut client_upgrade = if upgrade {
@@ -180,12 +190,12 @@ pub(crate) async fn forward(
         tried[attempts] = node;
         attempts += 1;
         let host = upstream_host(ctx, upstream, node);
-        let target = target(upstream, route, node, host.as_ref());
+        let target = target(upstream, &timeouts, node, host.as_ref());
         let req = build_request(ctx, upstream, node, host.clone(), body.take());
         let mut tracked = upstream
             .tracks_load()
-            .then(|| LoadGuard::new(&route.upstream, node));
-        let read = route.timeouts.read;
+            .then(|| LoadGuard::new(upstream_arc, node));
+        let read = timeouts.read;
         let sent_at = Instant::now();
         if for_plugins {
             ctx.upstream_addr = Some(upstream.nodes[node].addr.clone());
@@ -214,7 +224,7 @@ pub(crate) async fn forward(
             Err(Attempt::Connect(e, req)) => {
                 // A node that cannot be reached must not look fast to ewma.
                 if let Some(guard) = tracked {
-                    guard.failed(route.timeouts.connect);
+                    guard.failed(timeouts.connect);
                 }
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
                 last = if matches!(e, ConnectError::Timeout) {
@@ -284,7 +294,7 @@ fn upstream_host(ctx: &Ctx, upstream: &Upstream, node: usize) -> Option<HeaderVa
 
 fn target<'a>(
     upstream: &'a Upstream,
-    route: &Route,
+    timeouts: &Timeouts,
     node: usize,
     host: Option<&'a HeaderValue>,
 ) -> Target<'a> {
@@ -295,8 +305,8 @@ fn target<'a>(
         verify: upstream.tls_verify,
         server_name,
         keepalive: upstream.keepalive,
-        connect_timeout: route.timeouts.connect,
-        send_timeout: route.timeouts.send,
+        connect_timeout: timeouts.connect,
+        send_timeout: timeouts.send,
     }
 }
 

@@ -13,4 +13,5 @@ mod proxying;
 mod reload;
 mod routing;
 mod streams;
+mod traffic;
 mod upstream_http;
