@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use turnpike_plugin::{Factory, Registry};
 
+mod api_breaker;
 mod basic_auth;
 mod body_transformer;
 mod consumer_restriction;
@@ -51,6 +52,7 @@ pub fn factories() -> Vec<Factory> {
         body_transformer::factory(),
         proxy_mirror::factory(),
         proxy_rewrite::factory(),
+        api_breaker::factory(),
         limit_conn::factory(),
         limit_count::factory(),
         limit_req::factory(),
