@@ -15,8 +15,10 @@ mod body_transformer;
 mod consumer_restriction;
 mod cors;
 mod fault_injection;
+mod file_logger;
 mod forward_auth;
 mod headers;
+mod http_logger;
 mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
@@ -24,6 +26,7 @@ mod limit_conn;
 mod limit_count;
 mod limit_req;
 mod limits;
+mod logger;
 mod mocking;
 mod prometheus;
 mod proxy_mirror;
@@ -60,6 +63,8 @@ pub fn factories() -> Vec<Factory> {
         redirect::factory(),
         response_rewrite::factory(),
         prometheus::factory(),
+        http_logger::factory(),
+        file_logger::factory(),
     ]
 }
 

@@ -1,5 +1,19 @@
 //! Metrics and logs end to end: `/metrics` against the requests sent.
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
 use crate::harness::*;
 
 /// The value of the series of `name` whose labels include all of `labels`.
@@ -101,4 +115,186 @@ async fn metrics_count_the_requests_sent_by_status_and_route() {
     .await
     .unwrap();
     assert_eq!(apisix_path.status, 200, "APISIX's path works too");
+}
+
+/// A log collector: records every POSTed body; answers after `delay_ms`;
+/// can go down (listener and connections closed) and come back on the
+/// same port.
+struct Collector {
+    port: u16,
+    bodies: Arc<Mutex<Vec<String>>>,
+    delay_ms: Arc<AtomicU64>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        let mut c = Collector {
+            port: free_port(),
+            bodies: Arc::default(),
+            delay_ms: Arc::default(),
+            tasks: None,
+        };
+        c.resume().await;
+        c
+    }
+
+    async fn resume(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let (bodies, delay) = (self.bodies.clone(), self.delay_ms.clone());
+        let mut tasks = JoinSet::new();
+        let conns = Arc::new(Mutex::new(JoinSet::new()));
+        let held = conns.clone();
+        tasks.spawn(async move {
+            let _held = held;
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (bodies, delay) = (bodies.clone(), delay.clone());
+                conns.lock().unwrap().spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (bodies, delay) = (bodies.clone(), delay.clone());
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            tokio::time::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)))
+                                .await;
+                            bodies
+                                .lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&body).into_owned());
+                            Ok::<_, Infallible>(Response::new(full("ok")))
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Closes the listener and every connection.
+    async fn stop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+
+    fn received(&self) -> String {
+        self.bodies.lock().unwrap().join("\n")
+    }
+}
+
+#[tokio::test]
+async fn http_logger_never_slows_requests_while_the_collector_is_slow_down_or_back() {
+    let up = Upstream::start("up").await;
+    let mut collector = Collector::start().await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: logged, uri: /logged, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{http-logger: \
+         {{uri: \"http://127.0.0.1:{}/collect\", batch_max_size: 1, max_pending_entries: 5, timeout: 1, \
+         inactive_timeout: 1}}}}}}\n",
+        up.node(),
+        collector.port
+    ))
+    .await;
+    let url = gw.url("/logged");
+
+    assert_eq!(get_with(&url, &[("x-mark", "first")]).await.status, 200);
+    wait_for(|| collector.received().contains("first"), "the first entry").await;
+    let entry: serde_json::Value =
+        serde_json::from_str(collector.received().lines().next().unwrap()).unwrap();
+    assert_eq!(
+        entry[0]["route_id"], "logged",
+        "a JSON array of APISIX entries"
+    );
+    assert_eq!(entry[0]["response"]["status"], 200);
+
+    collector.delay_ms.store(3000, Ordering::SeqCst);
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(get(&url).await.unwrap().status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a collector taking 3 s per batch held up requests: {:?}",
+        started.elapsed()
+    );
+
+    collector.stop().await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(&url).await.unwrap().status,
+            200,
+            "collector down, traffic fine"
+        );
+    }
+    let dropped = || async {
+        let text = scrape(&gw).await;
+        series(
+            &text,
+            "turnpike_logger_dropped_total",
+            &["plugin=\"http-logger\""],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        dropped().await > 0.0,
+        "entries beyond the queue were dropped and counted"
+    );
+
+    collector.delay_ms.store(0, Ordering::SeqCst);
+    collector.resume().await;
+    wait_for_async(|| async {
+        let _ = get_with(&url, &[("x-mark", "back")]).await;
+        collector.received().contains("\"back\"")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn file_logger_writes_one_line_per_request() {
+    let up = Upstream::start("up").await;
+    let dir = TempDir::new();
+    let path = dir.path.join("access.log");
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: f, uri: /f, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{file-logger: \
+         {{path: \"{}\", include_req_body: true}}}}}}\n",
+        up.node(),
+        path.display()
+    ))
+    .await;
+    for i in 0..5 {
+        let req = Request::post(gw.url("/f"))
+            .body(full(format!("body {i}")))
+            .unwrap();
+        assert_eq!(send(&client(), req).await.unwrap().status, 200);
+    }
+    let lines = || std::fs::read_to_string(&path).unwrap_or_default();
+    wait_for(|| lines().lines().count() == 5, "five lines").await;
+    for (i, line) in lines().lines().enumerate() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["route_id"], "f");
+        assert_eq!(entry["request"]["method"], "POST");
+        assert_eq!(entry["request"]["body"], format!("body {i}"));
+        assert_eq!(entry["response"]["status"], 200);
+    }
+}
+
+async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "never saw {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_async<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "the collector never got entries again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
