@@ -77,6 +77,10 @@ pub struct Head {
     /// The body, when it is known in full: a plugin's answer, or a
     /// replacement a plugin set. `None` streams the upstream's body.
     pub body: Option<Bytes>,
+    /// The head and body are a complete response of their own (a cached
+    /// copy put in place of the upstream's): its `Content-Encoding`,
+    /// `ETag` and `Last-Modified` still describe the body and are kept.
+    pub whole: bool,
 }
 
 impl From<Reply> for Head {
@@ -85,6 +89,7 @@ impl From<Reply> for Head {
             status: r.status,
             headers: r.headers,
             body: Some(r.body),
+            whole: true,
         }
     }
 }

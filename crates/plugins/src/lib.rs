@@ -29,6 +29,7 @@ mod limits;
 mod logger;
 mod mocking;
 mod prometheus;
+mod proxy_cache;
 mod proxy_mirror;
 mod proxy_rewrite;
 mod redirect;
@@ -52,6 +53,7 @@ pub fn factories() -> Vec<Factory> {
         key_auth::factory(),
         consumer_restriction::factory(),
         forward_auth::factory(),
+        proxy_cache::factory(),
         body_transformer::factory(),
         proxy_mirror::factory(),
         proxy_rewrite::factory(),

@@ -166,6 +166,7 @@ async fn filter(
                 status: parts.status,
                 headers: parts.headers,
                 body: None,
+                whole: false,
             };
             (head, Some(body))
         }
@@ -200,7 +201,7 @@ async fn filter(
     }
     let body = match head.body {
         Some(bytes) => {
-            if from_upstream {
+            if from_upstream && !head.whole {
                 // The upstream's validators and encoding describe a body
                 // the client no longer gets.
                 for name in [CONTENT_ENCODING, ETAG, LAST_MODIFIED] {

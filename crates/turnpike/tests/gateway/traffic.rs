@@ -226,3 +226,32 @@ routes:
     assert_eq!(r.json()["name"], "backup", "sent to the fallback upstream");
     assert_eq!(r.headers["x-turnpike-fallback"], "upstream");
 }
+
+#[tokio::test]
+async fn proxy_cache_hits_and_serves_stale_while_the_upstream_fails() {
+    let svc = Toggle::start().await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: c, uri: /c, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{proxy-cache: \
+         {{cache_ttl: 1, stale_if_error: 30}}}}}}\n",
+        svc.node
+    ))
+    .await;
+    let url = gw.url("/c");
+    let first = get(&url).await.unwrap();
+    assert_eq!(first.headers["apisix-cache-status"], "MISS");
+    let again = get(&url).await.unwrap();
+    assert_eq!(again.headers["apisix-cache-status"], "HIT");
+    assert_eq!(again.body, first.body);
+    assert_eq!(svc.hits(), 1, "the hit never reached the upstream");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    svc.fail(true);
+    let stale = get(&url).await.unwrap();
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.headers["apisix-cache-status"], "STALE");
+    assert_eq!(stale.body, first.body);
+    svc.fail(false);
+    let fresh = get(&url).await.unwrap();
+    assert_eq!(fresh.headers["apisix-cache-status"], "EXPIRED");
+    assert_ne!(fresh.body, first.body, "a new copy: {}", fresh.body);
+}
