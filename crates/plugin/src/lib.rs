@@ -35,6 +35,7 @@
 
 mod chain;
 mod ctx;
+pub mod deps;
 mod flow;
 pub mod metrics;
 mod registry;

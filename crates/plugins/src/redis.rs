@@ -2,7 +2,7 @@
 //! multiplexed, self-reconnecting connection per server and database for
 //! the whole process, whatever the number of routes and reloads.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +11,7 @@ use redis::{FromRedisValue, Script, ToRedisArgs};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
+use turnpike_plugin::deps::{self, Dependency, Reachability};
 use turnpike_plugin::{Env, FieldError};
 
 /// The `redis_*` fields of a limiter's config, as APISIX names them.
@@ -51,6 +52,9 @@ pub(crate) struct Redis {
     /// Unix second of the last "Redis unreachable" warning, so an outage
     /// logs once a second, not once a request.
     warned: AtomicU64,
+    /// What the last round trip found (see [`Reachability`]).
+    reachable: AtomicU8,
+    address: String,
 }
 
 impl Redis {
@@ -89,12 +93,18 @@ impl Redis {
             config.redis_timeout,
         );
         let timeout = Duration::from_millis(config.redis_timeout);
-        Ok(env.state(&key, || Redis {
+        let address = format!("{host}:{}/{}", config.redis_port, config.redis_database);
+        let redis = env.state(&key, || Redis {
             client,
             timeout,
             conn: OnceCell::new(),
             warned: AtomicU64::new(0),
-        }))
+            reachable: AtomicU8::new(0),
+            address,
+        });
+        let dep: Arc<dyn Dependency> = redis.clone();
+        deps::register(&dep);
+        Ok(redis)
     }
 
     /// Runs `script` in one round trip, within the configured timeout.
@@ -118,10 +128,14 @@ impl Redis {
             call.invoke_async::<T>(&mut conn).await
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
-            Ok(Ok(value)) => return Ok(value),
+            Ok(Ok(value)) => {
+                self.reachable.store(1, Ordering::Relaxed);
+                return Ok(value);
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
+        self.reachable.store(2, Ordering::Relaxed);
         self.warn(&result);
         Err(result)
     }
@@ -147,6 +161,24 @@ impl Redis {
                 "redis {:?}: {error}",
                 self.client.get_connection_info().addr
             );
+        }
+    }
+}
+
+impl Dependency for Redis {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    fn reachability(&self) -> Reachability {
+        match self.reachable.load(Ordering::Relaxed) {
+            1 => Reachability::Up,
+            2 => Reachability::Down,
+            _ => Reachability::Unknown,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The status listener: `/healthz` (the process is up), `/readyz` (a
 //! config is loaded and the gateway is not draining) and `/metrics`
-//! (Prometheus; also at APISIX's `/apisix/prometheus/metrics`). It runs apart from the
+//! (Prometheus; also at APISIX's `/apisix/prometheus/metrics`),
+//! `/gateway/health` and `/gateway/services`. It runs apart from the
 //! workers, so a probe answers even when proxy traffic is heavy.
 
 use std::convert::Infallible;
@@ -18,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use turnpike_plugin::metrics;
+use turnpike_plugin::{deps, metrics};
 
 use crate::Shared;
 
@@ -69,6 +70,8 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             );
             resp
         }
+        "/gateway/health" => json(StatusCode::OK, health(shared).to_string()),
+        "/gateway/services" => json(StatusCode::OK, services(shared).to_string()),
         "/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}".into()),
         "/readyz" => {
             // A Shared always holds a loaded snapshot (the process does not
@@ -90,6 +93,72 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             "{\"error_msg\":\"404 Not Found\"}".into(),
         ),
     }
+}
+
+/// The gateway's state: the configuration served, the services plugins
+/// depend on (as last found), each upstream's nodes. `status` is
+/// `degraded` while a dependency is down.
+fn health(shared: &Shared) -> serde_json::Value {
+    let snapshot = shared.snapshot.load();
+    let dependencies: Vec<_> = deps::all()
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "kind": d.kind(),
+                "address": d.address(),
+                "state": d.reachability().as_str(),
+            })
+        })
+        .collect();
+    let down = deps::all()
+        .iter()
+        .any(|d| d.reachability() == deps::Reachability::Down);
+    let mut upstreams: Vec<_> = snapshot
+        .upstreams
+        .values()
+        .map(|u| {
+            let nodes: Vec<_> = u
+                .nodes
+                .iter()
+                .map(|n| serde_json::json!({"address": &*n.addr, "weight": n.weight, "state": "unchecked"}))
+                .collect();
+            serde_json::json!({"key": &*u.key, "nodes": nodes})
+        })
+        .collect();
+    upstreams.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+    serde_json::json!({
+        "status": if down { "degraded" } else { "ok" },
+        "revision": snapshot.revision,
+        "draining": shared.draining.load(Ordering::Acquire),
+        "dependencies": dependencies,
+        "upstreams": upstreams,
+    })
+}
+
+/// Every upstream in use with the routes that send to it and its node
+/// counts.
+fn services(shared: &Shared) -> serde_json::Value {
+    let snapshot = shared.snapshot.load();
+    let mut by_key: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for u in snapshot.upstreams.values() {
+        by_key.entry(&u.key).or_default();
+    }
+    for r in &snapshot.routes {
+        by_key.entry(&r.upstream.key).or_default().push(&r.id);
+    }
+    let services: Vec<_> = by_key
+        .into_iter()
+        .filter_map(|(key, routes)| {
+            let u = snapshot.upstreams.get(key)?;
+            Some(serde_json::json!({
+                "upstream": key,
+                "routes": routes,
+                "nodes": u.nodes.len(),
+                "healthy": u.nodes.len(),
+            }))
+        })
+        .collect();
+    serde_json::json!({ "services": services })
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -103,6 +103,18 @@ async fn redis_outage_follows_allow_degradation_then_limiting_resumes() {
     let lenient = burst(&[gw.url("/lenient")], 5).await;
     assert_eq!(lenient, [200; 5], "allow_degradation lets traffic through");
     gw.wait_log("redis", 1).await;
+    let health = get(&format!(
+        "http://127.0.0.1:{}/gateway/health",
+        gw.status_port
+    ))
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(health["status"], "degraded", "{health}");
+    let redis_dep = &health["dependencies"][0];
+    assert_eq!(redis_dep["kind"], "redis");
+    assert_eq!(redis_dep["state"], "down");
+    assert_eq!(redis_dep["address"], format!("127.0.0.1:{}/0", redis.port));
 
     redis.resume();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -114,6 +126,15 @@ async fn redis_outage_follows_allow_degradation_then_limiting_resumes() {
     assert_eq!(status, 200, "limiting resumed with Redis back (empty)");
     assert_eq!(get(&strict).await.unwrap().status, 200);
     assert_eq!(get(&strict).await.unwrap().status, 429, "and counts again");
+    let health = get(&format!(
+        "http://127.0.0.1:{}/gateway/health",
+        gw.status_port
+    ))
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["dependencies"][0]["state"], "up");
 }
 
 /// A route `/slow` with one plugin.

@@ -115,6 +115,19 @@ async fn metrics_count_the_requests_sent_by_status_and_route() {
     .await
     .unwrap();
     assert_eq!(apisix_path.status, 200, "APISIX's path works too");
+
+    let status = |path: &str| format!("http://127.0.0.1:{}{path}", gw.status_port);
+    let services = get(&status("/gateway/services")).await.unwrap().json();
+    let list = services["services"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{services}");
+    assert_eq!(list[0]["upstream"], "routes/ok");
+    assert_eq!(list[0]["routes"], serde_json::json!(["ok"]));
+    assert_eq!(list[1]["upstream"], "services/s1");
+    assert_eq!(list[1]["nodes"], 1);
+    let health = get(&status("/gateway/health")).await.unwrap().json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["revision"], 1);
+    assert_eq!(health["upstreams"][0]["nodes"][0]["address"], n.as_str());
 }
 
 /// A log collector: records every POSTed body; answers after `delay_ms`;
