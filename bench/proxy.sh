@@ -15,6 +15,7 @@
 #   SKIP_BUILD   1 = don't run cargo build, use the existing binary
 #   TURNPIKE_BIN path of the turnpike binary (default <target>/release/turnpike)
 #   KEEP_TMP     1 = keep the temp dir (configs, logs, raw wrk output)
+#   VARIANTS     which turnpike+ variants to run   (default "plugins limits redis")
 #
 # Pinning (when >= 2 CPUs are usable): the proxy under test (nginx proxy,
 # turnpike) runs on the second usable CPU, wrk and the upstream nginx on the
@@ -23,8 +24,11 @@
 # The report is printed and written to bench/out/proxy-<timestamp>.txt.
 # Exit status is non-zero if any run had non-2xx responses or socket errors.
 #
-# Proxies: nginx, `turnpike` (plain route) and `turnpike+plugins` (the same
-# route with key-auth, proxy-rewrite and cors; bench/turnpike-plugins.yaml.tmpl).
+# Proxies: nginx, `turnpike` (plain route) and the variants named in VARIANTS
+# (default: all): `turnpike+plugins` (key-auth, proxy-rewrite and cors;
+# bench/turnpike-plugins.yaml.tmpl), `turnpike+limits` (limit-count local and
+# prometheus) and `turnpike+redis` (limit-count in Redis and prometheus; a
+# redis-server of the bench's own is started, pinned with the load).
 # More variants: write a template like bench/turnpike.yaml.tmpl and add an
 # `add_turnpike_variant NAME TEMPLATE` call in main(). Every variant gets its
 # own ports and process and is interleaved with the others in each round;
@@ -42,6 +46,8 @@ WARMUP=${WARMUP:-2s}
 NGINX_ONLY=${NGINX_ONLY:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+VARIANTS=${VARIANTS:-plugins limits redis}
+REDIS_PORT=""
 TURNPIKE_BIN=${TURNPIKE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/turnpike}
 NGINX=${NGINX:-/usr/sbin/nginx}
 WRK=${WRK:-/usr/bin/wrk}
@@ -129,6 +135,12 @@ need_tools() {
         fi
         "${sudo[@]}" apt-get update
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light wrk
+    fi
+    if [[ $NGINX_ONLY != 1 && " $VARIANTS " == *" redis "* ]] && ! command -v redis-server >/dev/null 2>&1; then
+        log "redis-server missing: installing it"
+        local sudo=()
+        [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
     fi
     [[ -x $NGINX ]] || NGINX=$(command -v nginx) || die "nginx not found"
     [[ -x $WRK ]] || WRK=$(command -v wrk) || die "wrk not found"
@@ -281,6 +293,20 @@ start_upstream() {
     log "upstream nginx on 127.0.0.1:$UPSTREAM_PORT (pid $LAST_PID)"
 }
 
+# start_redis: a redis-server without persistence, pinned with the load.
+start_redis() {
+    REDIS_PORT=$(free_ports 1)
+    spawn "redis" "$TMP/redis.log" "${LOAD_PIN[@]}" redis-server \
+        --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$TMP"
+    local i
+    for ((i = 0; i < READY_TIMEOUT * 10; i++)); do
+        redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || die "redis-server did not start (see $TMP/redis.log)"
+    log "redis on 127.0.0.1:$REDIS_PORT (pid $LAST_PID)"
+}
+
 start_nginx_proxy() {
     local port conf="$TMP/nginx-proxy.conf"
     port=$(free_ports 1)
@@ -317,7 +343,7 @@ add_turnpike_variant() {
     mapfile -t ports < <(free_ports 2)
     cfg="$TMP/${name//[^A-Za-z0-9_.+-]/_}.yaml"
     render "$tmpl" "$cfg" "LISTEN_PORT=${ports[0]}" "STATUS_PORT=${ports[1]}" \
-        "UPSTREAM_PORT=$UPSTREAM_PORT"
+        "UPSTREAM_PORT=$UPSTREAM_PORT" "REDIS_PORT=$REDIS_PORT"
     start_turnpike "$name" "$cfg" "${ports[0]}" "${ports[1]}"
 }
 
@@ -464,7 +490,12 @@ main() {
     start_nginx_proxy
     if [[ $NGINX_ONLY != 1 ]]; then
         add_turnpike_variant turnpike "$BENCH_DIR/turnpike.yaml.tmpl"
-        add_turnpike_variant "turnpike+plugins" "$BENCH_DIR/turnpike-plugins.yaml.tmpl"
+        local variant
+        for variant in $VARIANTS; do
+            [[ -f $BENCH_DIR/turnpike-$variant.yaml.tmpl ]] || die "no bench/turnpike-$variant.yaml.tmpl"
+            [[ $variant == redis ]] && start_redis
+            add_turnpike_variant "turnpike+$variant" "$BENCH_DIR/turnpike-$variant.yaml.tmpl"
+        done
     fi
 
     local results="$TMP/results.tsv" entry name path conns r i url out parsed

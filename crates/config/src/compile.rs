@@ -14,7 +14,8 @@ use crate::file::Resources;
 use crate::gateway::seconds;
 use crate::model::{self, Id, Plugins};
 use crate::snapshot::{
-    HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream,
+    HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,
+    Upstream,
 };
 use crate::ConfigError;
 
@@ -37,14 +38,14 @@ pub fn compile(
         upstreams: HashMap::new(),
         unrouted: Vec::new(),
         registry,
-        env: Env::default(),
+        env: registry.env(),
     };
     let upstream_ids = c.upstreams(res);
-    let consumers = c.consumers(res);
     for (id, upstream) in &upstream_ids {
         c.env
             .add_upstream(format!("upstreams/{id}"), upstream.clone());
     }
+    let consumers = c.consumers(res);
     let global = c.global_rules(res);
     let services = c.services(res, &upstream_ids);
     let plugin_configs = c.plugin_sets(&res.plugin_configs, "plugin config");
@@ -89,8 +90,9 @@ struct Compiler<'p> {
     /// another error), checked so every error is reported at once.
     unrouted: Vec<(String, RouteSpec)>,
     registry: &'p Registry,
-    /// Credential lookups of the authentication plugins, built from the
-    /// consumers before any route's plugins are.
+    /// What plugins are built with: the process's plugin state, the
+    /// upstreams, and the credential lookups of the authentication plugins
+    /// (built from the consumers before any route's plugins are).
     env: Env,
 }
 
@@ -249,7 +251,16 @@ impl Compiler<'_> {
             };
             let timeouts = self.timeouts(&label, "timeout", r.timeout.as_ref(), upstream.timeouts);
             let service_plugins = service.map_or(&[][..], |s| &s.plugins[..]);
+            let own_timeouts = r.timeout.as_ref().map_or_else(Default::default, |t| {
+                let valid = |v: Option<f64>| v.and_then(seconds).filter(|d| !d.is_zero());
+                TimeoutOverride {
+                    connect: valid(t.connect),
+                    send: valid(t.send),
+                    read: valid(t.read),
+                }
+            });
             routes.push(Route {
+                own_timeouts,
                 chain: Chain::merge([service_plugins, shared, &own[..]]),
                 reads_body: false,
                 id: id.0.into(),
@@ -426,7 +437,7 @@ impl Compiler<'_> {
         let mut out = Vec::new();
         self.env.set_owner(label);
         for (name, config) in plugins.into_iter().flatten() {
-            self.plugin_upstreams(label, name, config, String::new());
+            self.plugin_upstreams(label, name, config);
             match self.registry.entry(name, config, &self.env) {
                 Ok(e) => out.push(e),
                 Err(errors) => self.plugin_errors(label, name, errors),
@@ -435,40 +446,47 @@ impl Compiler<'_> {
         out
     }
 
-    /// Compiles the upstreams written inline in a plugin's config (any
-    /// object under an `upstream` key, as traffic-split's
+    /// Compiles the upstreams written inline in a plugin's config, where
+    /// the plugin declares them (`Factory::upstreams`, as traffic-split's
     /// `weighted_upstreams[].upstream`), for the plugin to find with
     /// `Env::upstream`.
-    fn plugin_upstreams(
+    fn plugin_upstreams(&mut self, label: &str, name: &str, config: &serde_json::Value) {
+        let registry = self.registry;
+        let Some(factory) = registry.get(name) else {
+            return;
+        };
+        for pattern in factory.upstreams {
+            let segments: Vec<&str> = pattern.split('/').skip(1).collect();
+            self.inline_upstreams(label, name, config, &segments, String::new());
+        }
+    }
+
+    fn inline_upstreams(
         &mut self,
         label: &str,
         name: &str,
-        config: &serde_json::Value,
+        value: &serde_json::Value,
+        segments: &[&str],
         pointer: String,
     ) {
-        let children: Vec<(String, &serde_json::Value)> = match config {
-            serde_json::Value::Object(map) => map
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        format!("{pointer}/{}", k.replace('~', "~0").replace('/', "~1")),
-                        v,
-                    )
-                })
-                .collect(),
-            serde_json::Value::Array(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (format!("{pointer}/{i}"), v))
-                .collect(),
-            _ => return,
-        };
-        for (at, value) in children {
-            if at.ends_with("/upstream") && value.is_object() {
-                self.plugin_upstream(label, name, value, &at);
-            } else {
-                self.plugin_upstreams(label, name, value, at);
+        let Some((first, rest)) = segments.split_first() else {
+            if value.is_object() {
+                self.plugin_upstream(label, name, value, &pointer);
             }
+            return;
+        };
+        match (*first, value) {
+            ("*", serde_json::Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.inline_upstreams(label, name, item, rest, format!("{pointer}/{i}"));
+                }
+            }
+            (key, serde_json::Value::Object(map)) => {
+                if let Some(item) = map.get(key) {
+                    self.inline_upstreams(label, name, item, rest, format!("{pointer}/{key}"));
+                }
+            }
+            _ => {}
         }
     }
 

@@ -29,7 +29,8 @@ pub use compile::compile;
 pub use file::{load, parse, ConfigFile, Resources, KINDS};
 pub use gateway::{parse_duration, Admin, Gateway, Provider, Status};
 pub use snapshot::{
-    HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream,
+    HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,
+    Upstream,
 };
 pub use watch::watch_file;
 

@@ -57,6 +57,9 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// The upstream's timeouts with the route's `timeout` over them.
     pub timeouts: Timeouts,
+    /// The route's own `timeout`, to lay over another upstream's when a
+    /// plugin (traffic-split) sends the request there.
+    pub own_timeouts: TimeoutOverride,
     pub websocket: bool,
     /// Some plugin that may run here reads request bodies (the route's,
     /// a global rule's, or — on routes that authenticate — a consumer's).
@@ -206,6 +209,24 @@ pub struct Timeouts {
     pub connect: Duration,
     pub send: Duration,
     pub read: Duration,
+}
+
+/// Some of the timeouts, set over others.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeoutOverride {
+    pub connect: Option<Duration>,
+    pub send: Option<Duration>,
+    pub read: Option<Duration>,
+}
+
+impl TimeoutOverride {
+    pub fn over(&self, base: Timeouts) -> Timeouts {
+        Timeouts {
+            connect: self.connect.unwrap_or(base.connect),
+            send: self.send.unwrap_or(base.send),
+            read: self.read.unwrap_or(base.read),
+        }
+    }
 }
 
 impl Default for Timeouts {

@@ -491,6 +491,7 @@ mod tests {
             consumer_schema: None,
             build,
             credentials: None,
+            upstreams: &[],
         };
         Registry::new(vec![factory("one", 10), factory("two", 20)])
     }

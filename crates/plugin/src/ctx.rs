@@ -115,6 +115,12 @@ pub struct Ctx {
     pub upstream_addr: Option<Arc<str>>,
     /// From sending the request upstream to its response head.
     pub upstream_latency: Option<Duration>,
+    /// The upstream's status (`$upstream_status`): its answer's, or the
+    /// gateway's 502/504 when it failed to give one. Unlike `status`, no
+    /// plugin changes it.
+    pub upstream_status: Option<StatusCode>,
+    /// Bytes of the response head sent (status line and headers).
+    pub response_head_bytes: u64,
 }
 
 impl Ctx {
@@ -152,6 +158,8 @@ impl Ctx {
             started: Instant::now(),
             upstream_addr: None,
             upstream_latency: None,
+            upstream_status: None,
+            response_head_bytes: 0,
         }
     }
 

@@ -46,6 +46,11 @@ pub struct Factory {
     /// credential (already checked against `consumer_schema`). An error
     /// names the offending entry by its position in the list.
     pub credentials: Option<BuildIndex>,
+    /// Where the config holds upstreams written inline, as JSON pointers
+    /// with `*` for any array index (`/rules/*/weighted_upstreams/*/upstream`):
+    /// the config compiler compiles them with the snapshot, for
+    /// [`Env::upstream`] to find.
+    pub upstreams: &'static [&'static str],
 }
 
 impl Factory {
@@ -63,7 +68,15 @@ impl Factory {
             consumer_schema: None,
             build,
             credentials: None,
+            upstreams: &[],
         }
+    }
+
+    /// Declares where the config holds inline upstreams (see
+    /// [`Factory::upstreams`]).
+    pub const fn with_upstreams(mut self, paths: &'static [&'static str]) -> Factory {
+        self.upstreams = paths;
+        self
     }
 
     /// An authentication plugin: consumers' configs of it are credentials,
@@ -83,6 +96,7 @@ impl Factory {
             consumer_schema: Some(consumer_schema),
             build,
             credentials: Some(credentials),
+            upstreams: &[],
         }
     }
 }
@@ -128,6 +142,8 @@ pub struct Env {
     /// fallback), by [`Env::upstream`]'s key; opaque here, the config
     /// crate's `Upstream` to the proxy.
     upstreams: HashMap<String, Index>,
+    /// Fingerprints resources must agree on, by key (see [`Env::agree`]).
+    agreed: Mutex<HashMap<String, u64>>,
     /// Regexes compiled so far in this snapshot, by pattern: ten thousand
     /// routes with the same `regex_uri` compile it once (compiling is what
     /// a reload spends most on otherwise) and share the program.
@@ -144,6 +160,15 @@ impl Env {
     /// Sets the resource whose plugins are built next.
     pub fn set_owner(&mut self, owner: &str) {
         owner.clone_into(&mut self.owner);
+    }
+
+    /// Records `fingerprint` under `key` for this snapshot; false when a
+    /// resource built earlier recorded another (routes of one
+    /// `limit-count` group must share one config).
+    pub fn agree(&self, key: &str, fingerprint: u64) -> bool {
+        // Only the config compiler, on one thread, ever takes this lock.
+        let mut agreed = self.agreed.lock().unwrap_or_else(|e| e.into_inner());
+        *agreed.entry(key.to_owned()).or_insert(fingerprint) == fingerprint
     }
 
     /// Makes `upstream` reachable by `key`: `upstreams/{id}` for the
@@ -342,14 +367,31 @@ impl Registry {
     /// that uses the plugin.
     pub fn indexes(
         &self,
-        mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
+        credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
     ) -> (Env, Vec<CredentialError>) {
-        // Once per compile: forget state the last snapshots let go of.
+        let mut env = self.env();
+        let errors = self.add_indexes(&mut env, credentials);
+        (env, errors)
+    }
+
+    /// A new snapshot's environment, holding the process's plugin state
+    /// (see [`Env::state`]). Called once per compile, before any plugin is
+    /// built.
+    pub fn env(&self) -> Env {
+        // Forget state the last snapshots let go of.
         self.states.prune();
-        let mut env = Env {
+        Env {
             states: self.states.clone(),
             ..Env::default()
-        };
+        }
+    }
+
+    /// Adds the credential lookups to `env`, as [`Registry::indexes`].
+    pub fn add_indexes(
+        &self,
+        env: &mut Env,
+        mut credentials: HashMap<&str, Vec<(Arc<Consumer>, Value)>>,
+    ) -> Vec<CredentialError> {
         let mut errors = Vec::new();
         for known in &self.plugins {
             let Some(build) = known.factory.credentials else {
@@ -368,7 +410,7 @@ impl Registry {
                 }
             }
         }
-        (env, errors)
+        errors
     }
 
     fn known(&self, name: &str) -> Result<&Known, Vec<FieldError>> {

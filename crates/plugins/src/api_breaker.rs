@@ -12,12 +12,12 @@
 //! (`fallback.cache`), or another upstream (`fallback.upstream_id` /
 //! `fallback.upstream`).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,7 +26,8 @@ use turnpike_plugin::{
 };
 
 use crate::headers::HeaderOps;
-use crate::limits::{self, Table};
+use crate::limits;
+use crate::response_store::{self, Store, Stored};
 
 pub(crate) const NAME: &str = "api-breaker";
 pub(crate) const PRIORITY: i32 = 1005;
@@ -79,7 +80,7 @@ fn schema() -> Value {
                     "cache": {"type": "boolean", "default": false},
                     "cache_key": {"type": "string", "minLength": 1, "default": "$request_method $host $request_uri"},
                     "cache_max_body_size": {"type": "integer", "minimum": 1, "maximum": 8388608, "default": 1048576},
-                    "cache_max_entries": {"type": "integer", "minimum": 1, "default": 1024},
+                    "cache_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 4294967296u64, "default": 16777216},
                     "cache_ttl": {"type": "integer", "minimum": 1, "default": 3600},
                     "upstream_id": {"type": ["string", "integer"]},
                     "upstream": {"type": "object"}
@@ -126,8 +127,8 @@ struct Healthy {
 struct FallbackConf {
     cache: bool,
     cache_key: String,
-    cache_max_body_size: u64,
-    cache_max_entries: usize,
+    cache_max_body_size: usize,
+    cache_max_bytes: usize,
     cache_ttl: u64,
     upstream_id: Option<Value>,
     upstream: Option<Value>,
@@ -163,18 +164,9 @@ struct Fallback {
 /// The last good response per request, to answer with while open.
 struct Cache {
     key: Template,
-    max_body: u64,
+    max_body: usize,
     ttl: Duration,
-    max_entries: usize,
-    entries: Arc<Table<Stored>>,
-    count: Arc<AtomicUsize>,
-}
-
-struct Stored {
-    at: Instant,
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
+    store: Arc<Store>,
 }
 
 /// Left by `header_filter` for `body_filter`: this response is worth
@@ -243,9 +235,7 @@ fn fallback(env: &Env, scope: &str, f: &FallbackConf) -> Result<Fallback, FieldE
             key: crate::template(&f.cache_key, "fallback.cache_key")?,
             max_body: f.cache_max_body_size,
             ttl: Duration::from_secs(f.cache_ttl),
-            max_entries: f.cache_max_entries,
-            entries: env.state(&format!("{scope}:cache"), Table::default),
-            count: env.state(&format!("{scope}:cache-count"), || AtomicUsize::new(0)),
+            store: env.state(&format!("{scope}:cache"), || Store::new(f.cache_max_bytes)),
         }),
         false => None,
     };
@@ -259,7 +249,7 @@ fn fallback(env: &Env, scope: &str, f: &FallbackConf) -> Result<Fallback, FieldE
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory::new(NAME, PRIORITY, schema, build)
+    Factory::new(NAME, PRIORITY, schema, build).with_upstreams(&["/fallback/upstream"])
 }
 
 impl ApiBreaker {
@@ -314,6 +304,8 @@ impl ApiBreaker {
         let s = &self.state;
         if self.unhealthy.0.contains(&status) {
             let failures = s.unhealthy.fetch_add(1, Ordering::AcqRel) + 1;
+            // As APISIX: a failure starts the count of successes again.
+            s.healthy.store(0, Ordering::Release);
             if failures.is_multiple_of(self.unhealthy.1) {
                 s.opened_ms.store(now_ms, Ordering::Release);
                 tracing::warn!("api-breaker open after {failures} unhealthy answers");
@@ -340,20 +332,15 @@ impl Plugin for ApiBreaker {
         let Some(cache) = self.fallback.as_ref().and_then(|f| f.cache.as_ref()) else {
             return;
         };
-        let declared = head
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let worth = ctx.upstream_addr.is_some()
+        let worth = ctx.upstream_status.is_some()
             && ctx.stash.get::<FellBack>().is_none()
-            && head.body.is_none()
             && self.healthy.0.contains(&head.status.as_u16())
-            && declared.is_some_and(|n| n <= cache.max_body);
+            && response_store::storable(head, cache.max_body);
         if worth {
             ctx.stash.insert(Keep {
                 breaker: self.id(),
                 status: head.status,
-                headers: head.headers.clone(),
+                headers: response_store::stored_headers(&head.headers),
             });
         }
     }
@@ -374,11 +361,12 @@ impl Plugin for ApiBreaker {
     }
 
     fn log(&self, ctx: &Ctx) {
-        // Only the route's upstream's own answers count.
-        if ctx.upstream_addr.is_none() || ctx.stash.get::<FellBack>().is_some() {
+        // Only the route's upstream's own answers count, as it gave them
+        // (`$upstream_status`), whatever plugins made of them.
+        if ctx.stash.get::<FellBack>().is_some() {
             return;
         }
-        if let Some(status) = ctx.status {
+        if let Some(status) = ctx.upstream_status {
             self.record(status.as_u16(), self.now_ms());
         }
     }
@@ -386,17 +374,15 @@ impl Plugin for ApiBreaker {
 
 impl Cache {
     fn reply(&self, ctx: &Ctx) -> Option<Reply> {
-        let key = ctx.render(&self.key);
-        let now = Instant::now();
-        let ttl = self.ttl;
-        let found = self.entries.existing(&key, |s| {
-            (now.duration_since(s.at) < ttl).then(|| Reply {
-                status: s.status,
-                headers: s.headers.clone(),
-                body: s.body.clone(),
-            })
-        });
-        let mut reply = found.flatten()?;
+        let stored = self.store.get(&ctx.render(&self.key))?;
+        if stored.age(Instant::now()) >= self.ttl {
+            return None;
+        }
+        let mut reply = Reply {
+            status: stored.status,
+            headers: stored.headers.clone(),
+            body: stored.body.clone(),
+        };
         reply
             .headers
             .insert(FALLBACK.clone(), HeaderValue::from_static("cache"));
@@ -404,26 +390,14 @@ impl Cache {
     }
 
     fn store(&self, ctx: &Ctx, keep: Keep, body: Bytes) {
-        let key = ctx.render(&self.key);
-        let ttl = self.ttl;
-        let stored = || Stored {
-            at: Instant::now(),
+        let stored = Stored {
             status: keep.status,
-            headers: keep.headers.clone(),
-            body: body.clone(),
+            headers: keep.headers,
+            body,
+            stored: Instant::now(),
+            ttl: self.ttl,
         };
-        let known = self.entries.existing(&key, |s| *s = stored()).is_some();
-        if known || self.count.load(Ordering::Relaxed) >= self.max_entries {
-            return;
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.entries.with(
-            &key,
-            Instant::now(),
-            stored,
-            |s, now| now.duration_since(s.at) >= ttl,
-            |_| (),
-        );
+        self.store.put(ctx.render(&self.key).into(), stored);
     }
 }
 
@@ -435,8 +409,7 @@ mod tests {
 
     fn answered(e: &turnpike_plugin::Entry, status: u16) {
         let mut c = ctx("/");
-        c.upstream_addr = Some("127.0.0.1:1".into());
-        c.status = Some(StatusCode::from_u16(status).unwrap());
+        c.upstream_status = Some(StatusCode::from_u16(status).unwrap());
         e.plugin.log(&c);
     }
 
@@ -484,11 +457,13 @@ mod tests {
             "8 s, capped at max_breaker_sec 5"
         );
         b.record(200, 21_000);
+        b.record(500, 21_000);
+        b.record(200, 21_000);
         b.record(200, 21_001);
         assert_eq!(
             b.state.unhealthy.load(Ordering::Acquire),
-            3,
-            "two successes are not enough"
+            4,
+            "a failure restarted the count of successes"
         );
         b.record(200, 21_002);
         assert_eq!(

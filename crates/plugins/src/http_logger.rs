@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Uri};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -85,7 +85,12 @@ impl Sink for Collector {
                 req.headers_mut().insert(AUTHORIZATION, auth.clone());
             }
             match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-                Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+                Ok(Ok(resp)) if resp.status().is_success() => {
+                    // Read to the end, so the connection can carry the next batch.
+                    let body = Limited::new(resp.into_body(), 64 * 1024);
+                    let _ = tokio::time::timeout(self.timeout, body.collect()).await;
+                    Ok(())
+                }
                 Ok(Ok(resp)) => Err(format!("{} answered {}", self.uri, resp.status())),
                 Ok(Err(e)) => Err(format!("{}: {e}", self.uri)),
                 Err(_) => Err(format!("{}: no answer within {:?}", self.uri, self.timeout)),

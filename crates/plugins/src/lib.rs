@@ -37,6 +37,7 @@ mod redis;
 mod request_id;
 mod request_validation;
 mod response_rewrite;
+mod response_store;
 mod traffic_split;
 
 /// Every plugin this build ships.

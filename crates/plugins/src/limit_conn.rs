@@ -1,12 +1,15 @@
 //! `limit-conn`: at most `conn` requests in flight per key; up to `burst`
 //! more are delayed, each by `default_conn_delay` seconds for every
 //! `conn` requests ahead of it, and beyond that they are rejected. A
-//! request counts from `access` until its response is over (the `log`
-//! phase), however it ends.
+//! request counts from `access` until it is over, however it ends: the
+//! slot is a guard kept with the request, given back when the request's
+//! state is dropped (after `log`), so no filter or failure path can keep
+//! it.
 //!
 //! `policy: redis` (beyond APISIX) counts in Redis for every gateway
-//! sharing the config. A gateway that dies with requests in flight leaves
-//! its counts behind; `key_ttl` bounds how long.
+//! sharing the config: each request in flight is a member of a sorted set,
+//! scored by when it entered. A gateway that dies with requests in flight
+//! leaves members behind; they stop counting `key_ttl` after they entered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +29,9 @@ fn schema() -> Value {
     let own = json!({
         "conn": {"type": "integer", "exclusiveMinimum": 0},
         "burst": {"type": "integer", "minimum": 0},
-        "default_conn_delay": {"type": "number", "exclusiveMinimum": 0},
+        "default_conn_delay": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "only_use_default_delay": {"type": "boolean", "default": false},
-        "key_ttl": {"type": "integer", "minimum": 1, "default": 3600},
+        "key_ttl": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 3600},
         "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
     });
     props.extend(own.as_object().cloned().unwrap_or_default());
@@ -57,21 +60,25 @@ struct Config {
     redis: RedisConfig,
 }
 
-/// Takes a slot: the count in flight with this request, or -1 (and
-/// nothing taken) beyond `ARGV[1]`.
+/// Takes a slot for request `ARGV[3]`: the count in flight with it, or
+/// -1 (and nothing taken) at `ARGV[1]` already. Members older than
+/// `ARGV[2]` ms are dropped first.
 const ENTER: &str = r"
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-if n > tonumber(ARGV[1]) then
-    redis.call('DECR', KEYS[1])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[1]) then
     return -1
 end
-return n
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n + 1
 ";
 
-/// Gives a slot back.
+/// Gives request `ARGV[1]`'s slot back.
 const LEAVE: &str = r"
-if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[1], ARGV[1])
 return 0
 ";
 
@@ -92,13 +99,29 @@ struct Slots {
 
 enum Store {
     Local(Arc<Table<u64>>),
-    Redis { enter: Remote, leave: Remote },
+    Redis { enter: Remote, leave: Arc<Remote> },
 }
 
-/// The keys a request holds slots under, for `log` to give them back;
-/// each instance finds its own by its table or Redis prefix.
+/// The slots a request holds, given back when it is dropped with the
+/// request's state.
 #[derive(Clone, Default)]
-struct Held(Vec<(usize, Box<str>)>);
+struct Held(Vec<Arc<Slot>>);
+
+enum Slot {
+    Local(Arc<Table<u64>>, Box<str>),
+    Redis(Arc<Remote>, String, String),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        match self {
+            Slot::Local(table, key) => {
+                table.existing(key, |n| *n = n.saturating_sub(1));
+            }
+            Slot::Redis(leave, key, token) => leave.spawn(key, vec![std::mem::take(token)]),
+        }
+    }
+}
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let scope = limits::scope(NAME, env, None, &config);
@@ -107,17 +130,18 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         let remote = |script| Remote::new(env, &c.redis, &scope, script, c.allow_degradation);
         Store::Redis {
             enter: remote(ENTER)?,
-            leave: remote(LEAVE)?,
+            leave: Arc::new(remote(LEAVE)?),
         }
     } else {
         Store::Local(env.state(&scope, Table::default))
     };
     Ok(Arc::new(LimitConn {
-        key: Key::new(&c.key)?,
+        key: Key::new(&c.key, env)?,
         slots: Slots {
             conn: c.conn,
             burst: c.burst,
-            delay: Duration::from_secs_f64(c.default_conn_delay),
+            delay: Duration::try_from_secs_f64(c.default_conn_delay)
+                .map_err(|e| FieldError::new("default_conn_delay", e.to_string()))?,
             key_ttl: c.key_ttl,
         },
         rejection: Arc::new(Rejection::new(c.rejected_code, c.rejected_msg.as_deref())?),
@@ -129,22 +153,16 @@ pub(crate) fn factory() -> Factory {
     Factory::new(NAME, PRIORITY, schema, build)
 }
 
-impl LimitConn {
-    /// Tells this instance's slots apart from another's in [`Held`].
-    fn id(&self) -> usize {
-        self as *const LimitConn as usize
-    }
-}
-
 impl Plugin for LimitConn {
     fn access(&self, ctx: &mut Ctx) -> Flow {
         let key = self.key.of(ctx).into_owned();
-        let (slots, id) = (self.slots, self.id());
+        let slots = self.slots;
         match &self.store {
             Store::Local(table) => {
+                let now = std::time::Instant::now();
                 let n = table.with(
                     &key,
-                    std::time::Instant::now(),
+                    now,
                     || 0,
                     |n, _| *n == 0,
                     |n| {
@@ -155,32 +173,28 @@ impl Plugin for LimitConn {
                         Some(*n)
                     },
                 );
-                slots.enter(ctx, n, id, key).flow(&self.rejection)
+                let slot = || Slot::Local(table.clone(), key.into());
+                slots.enter(ctx, n, slot).flow(&self.rejection)
             }
-            Store::Redis { enter, .. } => {
+            Store::Redis { enter, leave } => {
                 let rejection = self.rejection.clone();
+                let token = format!(
+                    "{}-{:016x}",
+                    ctx.request_id.to_str().unwrap_or_default(),
+                    fastrand::u64(..)
+                );
                 let args = vec![
                     (slots.conn + slots.burst).to_string(),
-                    slots.key_ttl.to_string(),
+                    (slots.key_ttl * 1000).to_string(),
+                    token.clone(),
                 ];
+                let leave = leave.clone();
                 enter.run(&key.clone(), args, move |ctx, n: i64| {
-                    let n = u64::try_from(n).ok();
-                    slots.enter(ctx, n, id, key).flow(&rejection)
+                    let slot = || Slot::Redis(leave, key, token);
+                    slots
+                        .enter(ctx, u64::try_from(n).ok(), slot)
+                        .flow(&rejection)
                 })
-            }
-        }
-    }
-
-    fn log(&self, ctx: &Ctx) {
-        let Some(held) = ctx.stash.get::<Held>() else {
-            return;
-        };
-        for (_, key) in held.0.iter().filter(|(id, _)| *id == self.id()) {
-            match &self.store {
-                Store::Local(table) => {
-                    table.existing(key, |n| *n = n.saturating_sub(1));
-                }
-                Store::Redis { leave, .. } => leave.spawn(key),
             }
         }
     }
@@ -188,19 +202,20 @@ impl Plugin for LimitConn {
 
 impl Slots {
     /// What taking slot `n` (or none, `None`) means for the request; a
-    /// slot taken is recorded for `log` to give back.
-    fn enter(&self, ctx: &mut Ctx, n: Option<u64>, id: usize, key: String) -> Outcome {
+    /// slot taken stays with the request until it is over.
+    fn enter(&self, ctx: &mut Ctx, n: Option<u64>, slot: impl FnOnce() -> Slot) -> Outcome {
         let Some(n) = n else {
             return Outcome::Reject;
         };
         let mut held = ctx.stash.remove::<Held>().unwrap_or_default();
-        held.0.push((id, key.into()));
+        held.0.push(Arc::new(slot()));
         ctx.stash.insert(held);
         if n <= self.conn {
             return Outcome::Pass;
         }
         // As nginx's limit_conn in APISIX: one delay per `conn` ahead.
-        Outcome::Wait(self.delay * ((n - 1) / self.conn) as u32)
+        let ahead = u32::try_from((n - 1) / self.conn).unwrap_or(u32::MAX);
+        Outcome::Wait(self.delay.saturating_mul(ahead))
     }
 }
 
@@ -211,7 +226,7 @@ mod tests {
     use turnpike_plugin::Phase;
 
     #[tokio::test]
-    async fn slots_are_held_until_log_and_burst_waits() {
+    async fn slots_are_held_until_the_request_is_over_and_burst_waits() {
         let e = entry(
             NAME,
             json!({"conn": 1, "burst": 1, "default_conn_delay": 0.01, "rejected_code": 429}),
@@ -229,7 +244,7 @@ mod tests {
         );
         let reply = run_now(Phase::Access, &e, &mut ctx("/")).expect("no slot left");
         assert_eq!(reply.status, 429);
-        e.plugin.log(&first);
+        drop(first);
         let mut third = ctx("/");
         assert!(
             crate::test_util::run(Phase::Access, &e, &mut third)
@@ -237,13 +252,11 @@ mod tests {
                 .is_none(),
             "a finished request gives its slot back"
         );
-        e.plugin.log(&ctx("/"));
         assert!(
             run_now(Phase::Access, &e, &mut ctx("/")).is_some(),
-            "a request that held no slot gives none back"
+            "a rejected request held no slot and gives none back"
         );
-        e.plugin.log(&second);
-        e.plugin.log(&third);
+        drop((second, third));
         assert!(
             run_now(Phase::Access, &e, &mut ctx("/")).is_none(),
             "all free again"

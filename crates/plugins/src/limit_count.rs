@@ -32,7 +32,7 @@ fn schema() -> Value {
     let mut props = limits::common_properties(503);
     let own = json!({
         "count": {"type": "integer", "exclusiveMinimum": 0},
-        "time_window": {"type": "integer", "exclusiveMinimum": 0},
+        "time_window": {"type": "integer", "exclusiveMinimum": 0, "maximum": 31536000},
         "group": {"type": "string", "minLength": 1},
         "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
         "show_limit_quota_header": {"type": "boolean", "default": true},
@@ -99,7 +99,17 @@ struct Window {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = limits::scope(NAME, env, config["group"].as_str(), &config);
+    let group = config["group"].as_str();
+    if let Some(g) = group {
+        let digest = u64::from(limits::digest(&config));
+        if !env.agree(&format!("{NAME}:group:{g}"), digest) {
+            return Err(FieldError::new(
+                "group",
+                format!("group `{g}` has another limit-count config elsewhere: a group's routes must share one config"),
+            ));
+        }
+    }
+    let scope = limits::scope(NAME, env, group, &config);
     let c: Config = typed(config)?;
     let store = if c.policy == "redis" {
         Store::Redis(Remote::new(
@@ -113,7 +123,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         Store::Local(env.state(&scope, Table::default))
     };
     Ok(Arc::new(LimitCount {
-        key: Key::new(&c.key)?,
+        key: Key::new(&c.key, env)?,
         verdict: Arc::new(Verdict {
             count: c.count,
             headers: c.show_limit_quota_header,
@@ -289,6 +299,14 @@ mod tests {
         env.set_owner("route 2");
         let b = entry_with(NAME, grouped, &env);
         assert_eq!(admitted(&a, 1, "x") + admitted(&b, 5, "x"), 2);
+        env.set_owner("route 3");
+        let other = json!({"count": 5, "time_window": 60, "group": "g"});
+        let mismatch = crate::registry().entry(NAME, &other, &env);
+        assert_eq!(
+            mismatch.err().unwrap()[0].path,
+            "group",
+            "one group, one config"
+        );
     }
 
     #[test]

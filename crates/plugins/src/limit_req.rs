@@ -23,8 +23,8 @@ pub(crate) const PRIORITY: i32 = 1001;
 fn schema() -> Value {
     let mut props = limits::common_properties(503);
     let own = json!({
-        "rate": {"type": "number", "exclusiveMinimum": 0},
-        "burst": {"type": "number", "minimum": 0},
+        "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000000},
+        "burst": {"type": "number", "minimum": 0, "maximum": 1000000000},
         "nodelay": {"type": "boolean", "default": false},
         "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
     });
@@ -113,7 +113,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         Store::Local(env.state(&scope, Table::default))
     };
     Ok(Arc::new(LimitReq {
-        key: Key::new(&c.key)?,
+        key: Key::new(&c.key, env)?,
         bucket: Bucket {
             rate: c.rate,
             burst: c.burst,
@@ -139,7 +139,8 @@ impl Plugin for LimitReq {
             Store::Redis(remote) => {
                 let (bucket, rejection) = (self.bucket, self.rejection.clone());
                 // Kept a while after it would have drained, then dropped.
-                let ttl = ((bucket.burst + 1.0) / bucket.rate * 1000.0).ceil() as u64 + 1000;
+                let drained_ms = ((bucket.burst + 1.0) / bucket.rate * 1000.0).ceil();
+                let ttl = (drained_ms.min(86_400_000.0) as u64).saturating_add(1000);
                 let args = vec![
                     bucket.rate.to_string(),
                     bucket.burst.to_string(),
@@ -187,7 +188,8 @@ impl Bucket {
     }
 
     fn outcome(&self, admitted: bool, excess: f64) -> Outcome {
-        let delay = excess / self.rate;
+        // At most an hour, whatever a tiny `rate` with a large `burst` says.
+        let delay = (excess / self.rate).min(3600.0);
         match admitted {
             false => Outcome::Reject,
             true if self.nodelay || delay < 0.001 => Outcome::Pass,

@@ -42,7 +42,14 @@ pub(crate) fn common_properties(default_code: u16) -> serde_json::Map<String, Va
 }
 
 /// What a request is counted under.
-pub(crate) enum Key {
+pub(crate) struct Key {
+    source: Source,
+    /// Counters are per route: the limiter is configured on a service or
+    /// plugin config, and APISIX gives each route using it its own.
+    per_route: bool,
+}
+
+enum Source {
     /// One variable (`remote_addr`, `http_x_api_key`, `consumer_name`).
     Var(Var),
     /// Variables and text (`$remote_addr $http_x_user`).
@@ -52,29 +59,37 @@ pub(crate) enum Key {
 }
 
 impl Key {
-    pub(crate) fn new(config: &KeyConfig) -> Result<Key, FieldError> {
+    pub(crate) fn new(config: &KeyConfig, env: &Env) -> Result<Key, FieldError> {
         let key = &config.key;
-        match config.key_type.as_str() {
+        let source = match config.key_type.as_str() {
             "var" => Var::parse(key.trim_start_matches('$'))
-                .map(Key::Var)
-                .map_err(|e| FieldError::new("key", e)),
-            "var_combination" => crate::template(key, "key").map(Key::Combination),
-            _ => Ok(Key::Constant(key.as_str().into())),
-        }
+                .map(Source::Var)
+                .map_err(|e| FieldError::new("key", e))?,
+            "var_combination" => Source::Combination(crate::template(key, "key")?),
+            _ => Source::Constant(key.as_str().into()),
+        };
+        let owner = env.owner();
+        let per_route = owner.starts_with("service ") || owner.starts_with("plugin config ");
+        Ok(Key { source, per_route })
     }
 
     /// The request's key. When the variables are all empty the client's
     /// address stands in, as in APISIX, so a missing header does not put
     /// every such client under one counter.
     pub(crate) fn of<'c>(&self, ctx: &'c Ctx) -> Cow<'c, str> {
-        let key = match self {
-            Key::Var(var) => ctx.var(var).filter(|v| !v.is_empty()),
-            Key::Combination(t) => {
+        let key = match &self.source {
+            Source::Var(var) => ctx.var(var).filter(|v| !v.is_empty()),
+            Source::Combination(t) => {
                 Some(Cow::<str>::Owned(ctx.render(t))).filter(|v| !v.trim().is_empty())
             }
-            Key::Constant(k) => return Cow::Owned(k.to_string()),
+            Source::Constant(k) => Some(Cow::Owned(k.to_string())),
         };
-        key.unwrap_or_else(|| Cow::Borrowed(ctx.conn.remote_ip.to_str().unwrap_or_default()))
+        let key =
+            key.unwrap_or_else(|| Cow::Borrowed(ctx.conn.remote_ip.to_str().unwrap_or_default()));
+        match (self.per_route, ctx.route_id.as_deref()) {
+            (true, Some(route)) => Cow::Owned(format!("{route}:{key}")),
+            _ => key,
+        }
     }
 }
 
@@ -160,9 +175,9 @@ impl Remote {
         })
     }
 
-    /// Runs the script for `key` in the background, not waiting for it
-    /// (giving back what a finished request held).
-    pub(crate) fn spawn(&self, key: &str) {
+    /// Runs the script for `key` with `args` in the background, not
+    /// waiting for it (giving back what a finished request held).
+    pub(crate) fn spawn(&self, key: &str, args: Vec<String>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -170,7 +185,7 @@ impl Remote {
         let redis_key = format!("{}{key}", self.prefix);
         runtime.spawn(async move {
             // A failure is logged by `eval`; the key's TTL ends the count.
-            let _ = redis.eval::<i64>(&script, &[&redis_key], &[0u8; 0]).await;
+            let _ = redis.eval::<i64>(&script, &[&redis_key], &args).await;
         });
     }
 
@@ -202,15 +217,20 @@ impl Remote {
 /// survive reloads that do not change the config, and start afresh when
 /// it changes). Two gateways with the same config agree on it.
 pub(crate) fn scope(plugin: &str, env: &Env, group: Option<&str>, config: &Value) -> String {
-    let mut config = config.clone();
-    if let Value::Object(map) = &mut config {
-        map.remove("_meta");
-    }
-    let digest = crc32fast::hash(config.to_string().as_bytes());
+    let digest = digest(config);
     match group {
         Some(g) => format!("{plugin}:group:{g}:{digest:08x}"),
         None => format!("{plugin}:{}:{digest:08x}", env.owner()),
     }
+}
+
+/// A hash of a plugin's config, `_meta` left out.
+pub(crate) fn digest(config: &Value) -> u32 {
+    let mut config = config.clone();
+    if let Value::Object(map) = &mut config {
+        map.remove("_meta");
+    }
+    crc32fast::hash(config.to_string().as_bytes())
 }
 
 /// Counters by key, local to this process, split in shards so that
@@ -229,6 +249,8 @@ struct Shard<V> {
 
 const SHARDS: usize = 64;
 const FIRST_SWEEP: usize = 1024;
+/// Keys per shard at most: about a million per limiter in all.
+const MAX_PER_SHARD: usize = 16 * 1024;
 
 impl<V> Default for Table<V> {
     fn default() -> Self {
@@ -264,7 +286,15 @@ impl<V> Table<V> {
             shard.map.retain(|_, v| !stale(v, now));
             // Live entries stay: sweep again only once the shard has
             // doubled, so a full shard does not sweep on every new key.
-            shard.sweep_at = (shard.map.len() * 2).max(FIRST_SWEEP);
+            shard.sweep_at = (shard.map.len() * 2).clamp(FIRST_SWEEP, MAX_PER_SHARD);
+            // Still full of live keys (a flood of distinct keys): one
+            // goes, as an LRU dictionary would let it, so memory stays
+            // bounded.
+            if shard.map.len() >= MAX_PER_SHARD {
+                if let Some(victim) = shard.map.keys().next().cloned() {
+                    shard.map.remove(&victim);
+                }
+            }
         }
         if let Some(v) = shard.map.get_mut(key) {
             return f(v);
@@ -299,18 +329,32 @@ mod tests {
             key_type: "var".into(),
             key: k.into(),
         };
-        let key = Key::new(&var("http_x_user")).unwrap();
+        let env = Env::default();
+        let key = Key::new(&var("http_x_user"), &env).unwrap();
         assert_eq!(key.of(&ctx("/")), "10.0.0.1");
         let with = request(http::Request::get("/").header("x-user", "ann"));
         assert_eq!(key.of(&with), "ann");
-        let combo = Key::new(&KeyConfig {
-            key_type: "var_combination".into(),
-            key: "$http_x_user $arg_k".into(),
-        })
+        let combo = Key::new(
+            &KeyConfig {
+                key_type: "var_combination".into(),
+                key: "$http_x_user $arg_k".into(),
+            },
+            &env,
+        )
         .unwrap();
         assert_eq!(combo.of(&ctx("/?k=1")), " 1");
         assert_eq!(combo.of(&ctx("/")), "10.0.0.1");
-        assert!(Key::new(&var("no_such_var")).is_err());
+        assert!(Key::new(&var("no_such_var"), &env).is_err());
+        let mut on_service = Env::default();
+        on_service.set_owner("service s1");
+        let mut c = ctx("/");
+        c.route_id = Some("r7".into());
+        let per_route = Key::new(&var("remote_addr"), &on_service).unwrap();
+        assert_eq!(
+            per_route.of(&c),
+            "r7:10.0.0.1",
+            "each route of a service counts apart"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,13 +31,15 @@ pub(crate) fn properties() -> Map<String, Value> {
         "include_req_body_expr": {"type": "array"},
         "include_resp_body": {"type": "boolean", "default": false},
         "include_resp_body_expr": {"type": "array"},
+        "max_req_body_bytes": {"type": "integer", "minimum": 1, "maximum": 8388608, "default": 524288},
+        "max_resp_body_bytes": {"type": "integer", "minimum": 1, "maximum": 8388608, "default": 524288},
         "name": {"type": "string"},
         "batch_max_size": {"type": "integer", "minimum": 1, "default": 1000},
         "inactive_timeout": {"type": "integer", "minimum": 1, "default": 5},
         "buffer_duration": {"type": "integer", "minimum": 1, "default": 60},
         "max_retry_count": {"type": "integer", "minimum": 0, "default": 0},
         "retry_delay": {"type": "integer", "minimum": 0, "default": 1},
-        "max_pending_entries": {"type": "integer", "minimum": 1, "default": 10000}
+        "max_pending_entries": {"type": "integer", "minimum": 1, "maximum": 1000000, "default": 10000}
     });
     props.as_object().cloned().unwrap_or_default()
 }
@@ -49,6 +52,8 @@ pub(crate) struct LogConfig {
     include_req_body_expr: Option<Value>,
     include_resp_body: bool,
     include_resp_body_expr: Option<Value>,
+    max_req_body_bytes: usize,
+    max_resp_body_bytes: usize,
     #[serde(flatten)]
     pub batch: BatchConfig,
 }
@@ -68,6 +73,9 @@ pub(crate) struct Format {
     fields: Option<Vec<(String, Template)>>,
     req_body: Option<Option<Expr>>,
     resp_body: Option<Option<Expr>>,
+    /// Logged bodies are cut at these lengths.
+    max_req_body: usize,
+    max_resp_body: usize,
 }
 
 impl Format {
@@ -110,6 +118,8 @@ impl Format {
                 &c.include_resp_body_expr,
                 "include_resp_body_expr",
             )?,
+            max_req_body: c.max_req_body_bytes,
+            max_resp_body: c.max_resp_body_bytes,
         })
     }
 
@@ -122,8 +132,9 @@ impl Format {
     /// and `header_filter`.
     pub(crate) fn keep_request(&self, ctx: &mut Ctx) {
         if self.req_body.is_some() && ctx.stash.get::<RequestBody>().is_none() {
-            if let Some(body) = ctx.body.clone() {
-                ctx.stash.insert(RequestBody(body));
+            if let Some(body) = &ctx.body {
+                let cut = body.slice(..body.len().min(self.max_req_body));
+                ctx.stash.insert(RequestBody(cut));
             }
         }
     }
@@ -134,13 +145,22 @@ impl Format {
         }
     }
 
-    pub(crate) fn wants_response_body(&self) -> bool {
+    /// Whether to read this response's body for the entry: only one of
+    /// declared length, so a stream (server-sent events, a download) is
+    /// never held back to be logged.
+    pub(crate) fn wants_response_body(&self, head: &Head) -> bool {
+        let declared = head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         self.resp_body.is_some()
+            && declared.is_some_and(|n| n <= turnpike_plugin::MAX_BUFFERED_BODY)
     }
 
     pub(crate) fn keep_response_body(&self, ctx: &mut Ctx, body: &Bytes) {
         if self.resp_body.is_some() {
-            ctx.stash.insert(ResponseBody(body.clone()));
+            let cut = body.slice(..body.len().min(self.max_resp_body));
+            ctx.stash.insert(ResponseBody(cut));
         }
     }
 
@@ -342,8 +362,8 @@ impl Plugin for Logger {
         self.format.keep_response(ctx, head);
     }
 
-    fn wants_response_body(&self, _ctx: &Ctx, _head: &Head) -> bool {
-        self.format.wants_response_body()
+    fn wants_response_body(&self, _ctx: &Ctx, head: &Head) -> bool {
+        self.format.wants_response_body(head)
     }
 
     fn body_filter(&self, ctx: &mut Ctx, body: &mut Bytes) {
@@ -375,7 +395,13 @@ pub(crate) struct Batcher {
     config: BatchConfig,
     sink: Arc<dyn Sink>,
     queue: OnceLock<Option<mpsc::Sender<String>>>,
+    /// Bytes of the entries queued and not yet taken by the sender.
+    pending: Arc<AtomicUsize>,
 }
+
+/// Bytes of entries a logger holds waiting, at most (besides the batch
+/// being sent): bodies make entries large.
+const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 impl Batcher {
     pub(crate) fn new(plugin: &'static str, config: BatchConfig, sink: Arc<dyn Sink>) -> Batcher {
@@ -384,14 +410,18 @@ impl Batcher {
             config,
             sink,
             queue: OnceLock::new(),
+            pending: Arc::default(),
         }
     }
 
     /// Queues a line, never waiting: a full queue drops it, counted.
     pub(crate) fn push(&self, line: String) {
         let queue = self.queue.get_or_init(|| self.start());
-        let sent = queue.as_ref().map(|q| q.try_send(line));
+        let len = line.len();
+        let room = self.pending.fetch_add(len, Ordering::AcqRel) + len <= MAX_PENDING_BYTES;
+        let sent = queue.as_ref().filter(|_| room).map(|q| q.try_send(line));
         if !matches!(sent, Some(Ok(()))) {
+            self.pending.fetch_sub(len, Ordering::AcqRel);
             counters().dropped.with_label_values(&[self.plugin]).inc();
         }
     }
@@ -405,6 +435,7 @@ impl Batcher {
             plugin: self.plugin,
             config: self.config.clone(),
             sink: self.sink.clone(),
+            pending: self.pending.clone(),
         };
         runtime.spawn(task.run(rx));
         Some(tx)
@@ -415,6 +446,7 @@ struct Task {
     plugin: &'static str,
     config: BatchConfig,
     sink: Arc<dyn Sink>,
+    pending: Arc<AtomicUsize>,
 }
 
 impl Task {
@@ -446,6 +478,7 @@ impl Task {
             if batch.is_empty() {
                 first = tokio::time::Instant::now();
             }
+            self.pending.fetch_sub(line.len(), Ordering::AcqRel);
             batch.push(line);
             if batch.len() >= c.batch_max_size || first.elapsed() >= longest {
                 self.flush(&mut batch).await;

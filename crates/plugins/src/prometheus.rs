@@ -172,10 +172,9 @@ fn request_bytes(ctx: &Ctx) -> u64 {
     line as u64 + headers_bytes(&ctx.req.headers) + body
 }
 
-/// The response's size as sent: an HTTP/1.1 status line, the headers the
-/// plugins saw, the body bytes sent.
+/// The response's size as sent: its head and the body bytes sent.
 fn response_bytes(ctx: &Ctx) -> u64 {
-    17 + headers_bytes(&ctx.response_headers) + ctx.response_bytes
+    ctx.response_head_bytes + ctx.response_bytes
 }
 
 fn headers_bytes(headers: &http::HeaderMap) -> u64 {

@@ -10,9 +10,7 @@
 //! `s-maxage`) and the client (`no-cache`, `no-store`, `max-age`) is
 //! honoured.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +21,8 @@ use serde_json::{json, Value};
 use turnpike_plugin::{
     typed, Ctx, Env, Factory, FieldError, Flow, Head, Plugin, Reply, Template, MAX_BUFFERED_BODY,
 };
+
+use crate::response_store::{self, Store, Stored};
 
 pub(crate) const NAME: &str = "proxy-cache";
 pub(crate) const PRIORITY: i32 = 1085;
@@ -109,29 +109,6 @@ struct Keep {
     status: StatusCode,
     headers: HeaderMap,
     ttl: Duration,
-}
-
-struct Stored {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    stored: Instant,
-    ttl: Duration,
-}
-
-impl Stored {
-    fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.stored)
-    }
-
-    fn size(&self, key: &str) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        key.len() + headers + self.body.len() + 128
-    }
 }
 
 fn templates(list: &[String], field: &str) -> Result<Vec<Template>, FieldError> {
@@ -269,16 +246,11 @@ impl ProxyCache {
 
     /// How long this upstream response may be kept, if at all.
     fn keep_for(&self, ctx: &Ctx, head: &Head, lookup: &Lookup) -> Option<Duration> {
-        let declared = head
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         let cacheable = lookup.store
             && ctx.req.method != Method::HEAD
-            && ctx.upstream_addr.is_some()
-            && head.body.is_none()
+            && ctx.upstream_status.is_some()
             && self.statuses.contains(&head.status.as_u16())
-            && declared.is_none_or(|n| n <= self.max_body);
+            && response_store::storable(head, self.max_body);
         if !cacheable {
             return None;
         }
@@ -317,14 +289,13 @@ impl Plugin for ProxyCache {
         else {
             return;
         };
-        let failed = head.status.is_server_error();
+        let failed = ctx.upstream_status.is_some_and(|s| s.is_server_error());
         if let Some(stale) = lookup.stale.as_ref().filter(|_| failed) {
-            *head = Head {
-                status: stale.status,
-                headers: stale.headers.clone(),
-                body: Some(stale.body.clone()),
-                whole: true,
-            };
+            response_store::replace(head, stale);
+            if self.hide_cache_headers {
+                head.headers.remove(CACHE_CONTROL);
+                head.headers.remove(EXPIRES);
+            }
             head.headers
                 .insert(CACHE_STATUS.clone(), HeaderValue::from_static("STALE"));
             ctx.status = Some(stale.status);
@@ -334,7 +305,7 @@ impl Plugin for ProxyCache {
             ctx.stash.insert(Keep {
                 cache: self.id(),
                 status: head.status,
-                headers: head.headers.clone(),
+                headers: response_store::stored_headers(&head.headers),
                 ttl,
             });
         }
@@ -373,76 +344,6 @@ impl Plugin for ProxyCache {
     }
 }
 
-/// Responses by key, at most `max_bytes` in all, in shards each with its
-/// share; the oldest stored entries go first.
-struct Store {
-    shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
-}
-
-#[derive(Default)]
-struct Shard {
-    map: HashMap<Arc<str>, Arc<Stored>>,
-    /// Keys in the order stored (a key stored again appears again; its
-    /// older position is skipped when reached).
-    order: VecDeque<(Arc<str>, Instant)>,
-    bytes: usize,
-    max_bytes: usize,
-}
-
-const SHARDS: usize = 16;
-
-impl Store {
-    fn new(max_bytes: usize) -> Store {
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    max_bytes: max_bytes / SHARDS,
-                    ..Shard::default()
-                })
-            })
-            .collect();
-        Store {
-            shards,
-            hasher: RandomState::new(),
-        }
-    }
-
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
-        let i = self.hasher.hash_one(key) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn get(&self, key: &str) -> Option<Arc<Stored>> {
-        self.shard(key).map.get(key).cloned()
-    }
-
-    fn put(&self, key: Arc<str>, stored: Stored) {
-        let size = stored.size(&key);
-        let mut shard = self.shard(&key);
-        if size > shard.max_bytes {
-            return;
-        }
-        let at = stored.stored;
-        if let Some(old) = shard.map.insert(key.clone(), Arc::new(stored)) {
-            shard.bytes -= old.size(&key);
-        }
-        shard.bytes += size;
-        shard.order.push_back((key, at));
-        while shard.bytes > shard.max_bytes {
-            let Some((oldest, at)) = shard.order.pop_front() else {
-                break;
-            };
-            // Only the entry still stored at that time goes.
-            if shard.map.get(&oldest).is_some_and(|s| s.stored == at) {
-                if let Some(gone) = shard.map.remove(&oldest) {
-                    shard.bytes -= gone.size(&oldest);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,10 +363,13 @@ mod tests {
             return (Head::default(), Some(reply));
         }
         c.upstream_addr = Some("10.0.0.2:80".into());
+        c.upstream_status = Some(StatusCode::from_u16(status).unwrap());
         let mut head = Head {
             status: StatusCode::from_u16(status).unwrap(),
             ..Head::default()
         };
+        head.headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         for (k, v) in headers {
             head.headers.insert(
                 HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -562,24 +466,5 @@ mod tests {
             "BYPASS",
             "the client asked for a fresh answer"
         );
-    }
-
-    #[test]
-    fn the_store_keeps_within_its_size() {
-        let store = Store::new(SHARDS * 4096);
-        for i in 0..1000 {
-            let stored = Stored {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                body: Bytes::from(vec![b'x'; 500]),
-                stored: Instant::now(),
-                ttl: Duration::from_secs(60),
-            };
-            store.put(format!("k{i}").into(), stored);
-        }
-        let total: usize = store.shards.iter().map(|s| s.lock().unwrap().bytes).sum();
-        assert!(total <= SHARDS * 4096, "{total}");
-        assert!(store.get("k999").is_some(), "the newest stays");
-        assert!(store.get("k0").is_none(), "the oldest went");
     }
 }

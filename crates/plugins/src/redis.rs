@@ -77,8 +77,10 @@ impl Redis {
             addr: redis::ConnectionAddr::Tcp(host.clone(), config.redis_port),
             redis: redis::RedisConnectionInfo {
                 db: config.redis_database,
-                username: config.redis_username.clone(),
-                password: config.redis_password.clone(),
+                // An empty name or password means none, as in APISIX: a
+                // Redis without auth refuses `AUTH ""`.
+                username: config.redis_username.clone().filter(|u| !u.is_empty()),
+                password: config.redis_password.clone().filter(|p| !p.is_empty()),
                 ..Default::default()
             },
         };

@@ -93,24 +93,32 @@ struct TrafficSplit {
 struct Rule {
     /// Any one holding is enough; none means every request.
     matches: Vec<Expr>,
-    /// `(cumulative weight, upstream)`; `None` is the route's own.
-    targets: Vec<(u64, Option<Index>)>,
-    total: u64,
-    turn: AtomicU64,
+    /// The upstreams; `None` is the route's own.
+    targets: Vec<Option<Index>>,
+    /// One round of picks, interleaved by weight (nginx's smooth weighted
+    /// round robin): weights 1:3 give `[1, 1, 0, 1]`.
+    round: Vec<u32>,
+    /// Requests so far; kept across reloads that leave the config alone,
+    /// so a reload does not restart the round.
+    turn: Arc<AtomicU64>,
 }
 
+/// The longest round kept; beyond it weights are scaled down.
+const MAX_ROUND: u64 = 10_000;
+
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    let scope = crate::limits::scope(NAME, env, None, &config);
     let c: Config = typed(config)?;
     let rules = c
         .rules
         .iter()
         .enumerate()
-        .map(|(i, r)| rule(env, i, r))
+        .map(|(i, r)| rule(env, &scope, i, r))
         .collect::<Result<_, _>>()?;
     Ok(Arc::new(TrafficSplit { rules }))
 }
 
-fn rule(env: &Env, i: usize, r: &RuleConf) -> Result<Rule, FieldError> {
+fn rule(env: &Env, scope: &str, i: usize, r: &RuleConf) -> Result<Rule, FieldError> {
     let mut matches = Vec::new();
     for (j, m) in r.matches.iter().enumerate() {
         let path = format!("rules[{i}].match[{j}].vars");
@@ -120,7 +128,7 @@ fn rule(env: &Env, i: usize, r: &RuleConf) -> Result<Rule, FieldError> {
         }
     }
     let mut targets = Vec::new();
-    let mut total = 0u64;
+    let mut weights = Vec::new();
     for (j, w) in r.weighted_upstreams.iter().enumerate() {
         let field = format!("rules[{i}].weighted_upstreams[{j}]");
         let upstream = match (&w.upstream_id, &w.upstream) {
@@ -134,23 +142,65 @@ fn rule(env: &Env, i: usize, r: &RuleConf) -> Result<Rule, FieldError> {
                 Some(env.upstream(NAME, None, &pointer, &format!("{field}.upstream"))?)
             }
         };
-        total += u64::from(w.weight);
-        targets.push((total, upstream));
+        weights.push(u64::from(w.weight));
+        targets.push(upstream);
     }
-    if total == 0 {
+    if weights.iter().all(|&w| w == 0) {
         let path = format!("rules[{i}].weighted_upstreams");
         return Err(FieldError::new(path, "the weights add up to 0"));
     }
     Ok(Rule {
         matches,
         targets,
-        total,
-        turn: AtomicU64::new(0),
+        round: round(&weights),
+        turn: env.state(&format!("{scope}:turn:{i}"), || AtomicU64::new(0)),
     })
+}
+
+/// One round of smooth weighted round robin over `weights` (not all 0),
+/// divided by their greatest common divisor and scaled to at most
+/// [`MAX_ROUND`] picks.
+fn round(weights: &[u64]) -> Vec<u32> {
+    let gcd = weights.iter().fold(0, |a, &b| gcd(a, b));
+    let mut weights: Vec<u64> = weights.iter().map(|w| w / gcd).collect();
+    let total: u64 = weights.iter().sum();
+    if total > MAX_ROUND {
+        for w in &mut weights {
+            // Scaled, but a non-zero weight keeps at least one pick.
+            *w = if *w == 0 {
+                0
+            } else {
+                (*w * MAX_ROUND / total).max(1)
+            };
+        }
+    }
+    let total: i64 = weights.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += *w as i64;
+            }
+            let best = (0..current.len())
+                .max_by_key(|&k| (current[k], -(k as i64)))
+                .unwrap_or(0);
+            current[best] -= total;
+            best as u32
+        })
+        .collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 pub(crate) fn factory() -> Factory {
     Factory::new(NAME, PRIORITY, schema, build)
+        .with_upstreams(&["/rules/*/weighted_upstreams/*/upstream"])
 }
 
 impl Plugin for TrafficSplit {
@@ -167,13 +217,11 @@ impl Plugin for TrafficSplit {
 }
 
 impl Rule {
-    /// The next upstream by weight: a turn counter walks the cumulative
-    /// weights, so every `total` requests each target gets exactly its
-    /// weight.
+    /// The next upstream by weight: every round, each target gets
+    /// exactly its (reduced) weight, spread out.
     fn pick(&self) -> Option<&Index> {
-        let n = self.turn.fetch_add(1, Ordering::Relaxed) % self.total;
-        let at = self.targets.partition_point(|(upto, _)| *upto <= n);
-        self.targets[at].1.as_ref()
+        let n = self.turn.fetch_add(1, Ordering::Relaxed) % self.round.len() as u64;
+        self.targets[self.round[n as usize] as usize].as_ref()
     }
 }
 
@@ -214,6 +262,16 @@ mod tests {
         }
         assert_eq!(seen["blue"], 300);
         assert_eq!(seen["route"], 100, "no upstream: the route's own");
+    }
+
+    #[test]
+    fn rounds_interleave_by_reduced_weight() {
+        assert_eq!(round(&[1, 3]), [1, 0, 1, 1]);
+        assert_eq!(round(&[500, 500]), [0, 1], "divided by their gcd");
+        assert_eq!(round(&[0, 2]), [1]);
+        let big = round(&[1, 99_999]);
+        assert!(big.len() <= MAX_ROUND as usize + 1);
+        assert!(big.contains(&0), "a small weight keeps a pick");
     }
 
     #[test]

@@ -149,13 +149,14 @@ pub(crate) async fn forward(
     for_plugins: bool,
 ) -> Response<ProxyBody> {
     // A plugin (traffic-split, api-breaker) may have chosen another
-    // upstream; its own timeouts then apply.
+    // upstream: its timeouts apply, with the route's own `timeout` over
+    // them, as APISIX does.
     let chosen = ctx
         .upstream_override
         .take()
         .and_then(|u| u.downcast::<Upstream>().ok());
     let (upstream_arc, timeouts) = match &chosen {
-        Some(u) => (u, u.timeouts),
+        Some(u) => (u, route.own_timeouts.over(u.timeouts)),
         None => (&route.upstream, route.timeouts),
     };
     let upstream: &Upstream = upstream_arc;
@@ -218,6 +219,7 @@ pub(crate) async fn forward(
                 if for_plugins {
                     ctx.req.headers = back.or(copy).unwrap_or_default();
                     ctx.upstream_latency = Some(sent_at.elapsed());
+                    ctx.upstream_status = Some(resp.status());
                 }
                 return resp;
             }
@@ -238,12 +240,19 @@ pub(crate) async fn forward(
             }
             Err(Attempt::Failed(failure, reason)) => {
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
+                if for_plugins {
+                    ctx.req.headers = copy.unwrap_or_default();
+                    ctx.upstream_status = Some(failure.status());
+                }
                 return failure.respond(&ctx.request_id);
             }
         }
     }
     if attempts == 0 {
         tracing::warn!(request_id = ?ctx.request_id, route = %route.id, "no node available in upstream {}", upstream.key);
+    } else if for_plugins {
+        // As nginx's `$upstream_status` for a node that never answered.
+        ctx.upstream_status = Some(last.status());
     }
     last.respond(&ctx.request_id)
 }

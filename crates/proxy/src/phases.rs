@@ -215,6 +215,7 @@ async fn filter(
         }
         None => body.unwrap_or(ProxyBody::Empty),
     };
+    ctx.response_head_bytes = head_bytes(&head.headers);
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
@@ -243,6 +244,16 @@ fn add_headers(headers: &mut HeaderMap, extra: HeaderMap) {
             }
         }
     }
+}
+
+/// The size of a response head as HTTP/1.1 frames it: status line,
+/// `name: value\r\n` per header, the blank line.
+fn head_bytes(headers: &HeaderMap) -> u64 {
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    (fields + 17 + 2) as u64
 }
 
 /// Whether a response to this request may carry a body at all.

@@ -63,8 +63,7 @@ impl<'p> Compiler<'p> {
             by_name.insert(consumer.username.clone(), consumer);
         }
         self.credential_entries(res, &by_name, &mut credentials);
-        let (env, errors) = self.registry.indexes(credentials);
-        self.env = env;
+        let errors = self.registry.add_indexes(&mut self.env, credentials);
         for (consumer, plugin, e) in errors {
             let label = format!("consumer {}", consumer.username);
             self.plugin_errors(&label, plugin, vec![e]);

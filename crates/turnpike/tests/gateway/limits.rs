@@ -62,7 +62,7 @@ async fn two_gateways_share_one_counter_in_redis() {
     let up = Upstream::start("up").await;
     let limit = format!(
         "count: 30, time_window: 60, key_type: constant, key: all, rejected_code: 429, \
-         policy: redis, redis_host: 127.0.0.1, redis_port: {}",
+         policy: redis, redis_host: 127.0.0.1, redis_port: {}, redis_password: \"\"",
         redis.port
     );
     let routes = format!("routes:\n{}", limited_route(&up.node(), "shared", &limit));
@@ -201,4 +201,58 @@ async fn limit_req_delays_a_burst_locally() {
         started.elapsed() >= Duration::from_millis(300),
         "the third in the burst waited 300 ms"
     );
+}
+
+#[tokio::test]
+async fn consumer_group_counters_survive_a_reload() {
+    let up = Upstream::start("up").await;
+    let resources = |extra: &str| {
+        format!(
+            r#"
+consumer_groups:
+  - id: free
+    plugins:
+      limit-count: {{count: 2, time_window: 60, key_type: constant, key: free, rejected_code: 429}}
+consumers:
+  - username: ann
+    group_id: free
+    plugins:
+      key-auth: {{key: ann-key}}
+routes:
+  - {{id: api, uri: /api, plugins: {{key-auth: {{}}}}, upstream: {{nodes: {{"{n}": 1}}}}}}
+{extra}"#,
+            n = up.node()
+        )
+    };
+    let gw = Gateway::start(&resources("")).await;
+    let key = [("apikey", "ann-key")];
+    assert_eq!(get_with(&gw.url("/api"), &key).await.status, 200);
+    assert_eq!(get_with(&gw.url("/api"), &key).await.status, 200);
+    gw.rewrite(&resources(&format!(
+        "  - {{id: other, uri: /other, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        up.node()
+    )));
+    gw.wait_log("configuration reloaded", 1).await;
+    assert_eq!(
+        get_with(&gw.url("/api"), &key).await.status,
+        429,
+        "the group's count outlived the reload"
+    );
+}
+
+#[tokio::test]
+async fn limit_conn_gives_the_slot_back_when_the_upstream_times_out() {
+    let up = Upstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: slow, uri: /slow, timeout: {{read: 0.3}}, upstream: {{nodes: {{\"{}\": 1}}}}, \
+         plugins: {{limit-conn: {{conn: 1, burst: 0, default_conn_delay: 0.1, key_type: constant, key: k, \
+         rejected_code: 429, _meta: {{filter: [[\"http_x_tier\", \"==\", \"free\"]]}}}}}}}}\n",
+        up.node()
+    ))
+    .await;
+    let tier = [("x-tier", "free")];
+    let r = get_with(&gw.url("/slow?ms=2000"), &tier).await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    let r = get_with(&gw.url("/slow?ms=0"), &tier).await;
+    assert_eq!(r.status, 200, "the timed-out request gave its slot back");
 }

@@ -81,6 +81,28 @@ routes:
         err.contains("route r: plugins.traffic-split.rules[0].weighted_upstreams[0].upstream_id: upstream `gone` does not exist"),
         "{err}"
     );
+
+    // Only where a plugin declares upstreams is an `upstream` object one:
+    // a body schema with a field named `upstream` is just a schema.
+    std::fs::write(
+        &bad,
+        format!(
+            "{}routes:\n  - {{id: r, uri: /r, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{request-validation: {{body_schema: {{type: object, properties: {{upstream: {{type: object}}}}}}}}}}}}\n",
+            settings(gw.port, gw.status_port),
+            stable.node()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn name_of(gw: &Gateway, headers: &[(&str, &str)]) -> String {
