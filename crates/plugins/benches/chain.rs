@@ -95,6 +95,13 @@ fn bench(c: &mut Criterion) {
             "cors": {"allow_origins": "http://bench.example"}
         }),
     );
+    let limits = chain(
+        &registry,
+        json!({
+            "limit-count": {"count": 1_000_000_000u64, "time_window": 3600},
+            "prometheus": {}
+        }),
+    );
     let mut group = c.benchmark_group("chain");
     group.bench_function("request_only", |b| b.iter(|| black_box(request(&conn))));
     group.bench_function("no_plugins", |b| {
@@ -102,6 +109,9 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("key-auth+proxy-rewrite+cors", |b| {
         b.iter(|| black_box(serve(&global, &three, request(&conn))))
+    });
+    group.bench_function("limit-count+prometheus", |b| {
+        b.iter(|| black_box(serve(&global, &limits, request(&conn))))
     });
     group.finish();
 }

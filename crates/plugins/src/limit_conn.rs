@@ -18,8 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin};
 
-use crate::limits::{self, Key, KeyConfig, Outcome, Rejection, Remote, Table};
-use crate::redis::RedisConfig;
+use crate::limits::{self, Common, Key, Outcome, Rejection, Remote, Store, Table};
 
 pub(crate) const NAME: &str = "limit-conn";
 pub(crate) const PRIORITY: i32 = 1003;
@@ -32,10 +31,8 @@ fn schema() -> Value {
         "default_conn_delay": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "only_use_default_delay": {"type": "boolean", "default": false},
         "key_ttl": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 3600},
-        "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
     });
     props.extend(own.as_object().cloned().unwrap_or_default());
-    crate::redis::schema_properties(&mut props);
     json!({
         "type": "object",
         "properties": props,
@@ -50,14 +47,8 @@ struct Config {
     burst: u64,
     default_conn_delay: f64,
     key_ttl: u64,
-    policy: String,
-    rejected_code: u16,
-    rejected_msg: Option<String>,
-    allow_degradation: bool,
     #[serde(flatten)]
-    key: KeyConfig,
-    #[serde(flatten)]
-    redis: RedisConfig,
+    common: Common,
 }
 
 /// Takes a slot for request `ARGV[3]`: the count in flight with it, or
@@ -86,7 +77,14 @@ struct LimitConn {
     key: Key,
     slots: Slots,
     rejection: Arc<Rejection>,
-    store: Store,
+    store: Counts,
+}
+
+/// In this process, or in Redis: a script to take a slot and one to give
+/// it back.
+enum Counts {
+    Local(Arc<Table<u64>>),
+    Redis { enter: Remote, leave: Arc<Remote> },
 }
 
 #[derive(Clone, Copy)]
@@ -95,11 +93,6 @@ struct Slots {
     burst: u64,
     delay: Duration,
     key_ttl: u64,
-}
-
-enum Store {
-    Local(Arc<Table<u64>>),
-    Redis { enter: Remote, leave: Arc<Remote> },
 }
 
 /// The slots a request holds, given back when it is dropped with the
@@ -126,17 +119,15 @@ impl Drop for Slot {
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let scope = limits::scope(NAME, env, None, &config);
     let c: Config = typed(config)?;
-    let store = if c.policy == "redis" {
-        let remote = |script| Remote::new(env, &c.redis, &scope, script, c.allow_degradation);
-        Store::Redis {
-            enter: remote(ENTER)?,
-            leave: Arc::new(remote(LEAVE)?),
-        }
-    } else {
-        Store::Local(env.state(&scope, Table::default))
+    let store = match c.common.store(env, &scope, ENTER)? {
+        Store::Local(table) => Counts::Local(table),
+        Store::Redis(enter) => Counts::Redis {
+            enter,
+            leave: Arc::new(c.common.remote(env, &scope, LEAVE)?),
+        },
     };
     Ok(Arc::new(LimitConn {
-        key: Key::new(&c.key, env)?,
+        key: c.common.key(env)?,
         slots: Slots {
             conn: c.conn,
             burst: c.burst,
@@ -144,7 +135,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
                 .map_err(|e| FieldError::new("default_conn_delay", e.to_string()))?,
             key_ttl: c.key_ttl,
         },
-        rejection: Arc::new(Rejection::new(c.rejected_code, c.rejected_msg.as_deref())?),
+        rejection: Arc::new(c.common.rejection()?),
         store,
     }))
 }
@@ -158,7 +149,7 @@ impl Plugin for LimitConn {
         let key = self.key.of(ctx).into_owned();
         let slots = self.slots;
         match &self.store {
-            Store::Local(table) => {
+            Counts::Local(table) => {
                 let now = std::time::Instant::now();
                 let n = table.with(
                     &key,
@@ -176,7 +167,7 @@ impl Plugin for LimitConn {
                 let slot = || Slot::Local(table.clone(), key.into());
                 slots.enter(ctx, n, slot).flow(&self.rejection)
             }
-            Store::Redis { enter, leave } => {
+            Counts::Redis { enter, leave } => {
                 let rejection = self.rejection.clone();
                 let token = format!(
                     "{}-{:016x}",

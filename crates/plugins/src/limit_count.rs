@@ -18,8 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin};
 
-use crate::limits::{self, Key, KeyConfig, Outcome, Rejection, Remote, Table};
-use crate::redis::RedisConfig;
+use crate::limits::{self, Common, Key, Outcome, Rejection, Store, Table};
 
 pub(crate) const NAME: &str = "limit-count";
 pub(crate) const PRIORITY: i32 = 1002;
@@ -34,11 +33,9 @@ fn schema() -> Value {
         "count": {"type": "integer", "exclusiveMinimum": 0},
         "time_window": {"type": "integer", "exclusiveMinimum": 0, "maximum": 31536000},
         "group": {"type": "string", "minLength": 1},
-        "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
         "show_limit_quota_header": {"type": "boolean", "default": true},
     });
     props.extend(own.as_object().cloned().unwrap_or_default());
-    crate::redis::schema_properties(&mut props);
     json!({
         "type": "object",
         "properties": props,
@@ -51,15 +48,9 @@ fn schema() -> Value {
 struct Config {
     count: u64,
     time_window: u64,
-    policy: String,
     show_limit_quota_header: bool,
-    rejected_code: u16,
-    rejected_msg: Option<String>,
-    allow_degradation: bool,
     #[serde(flatten)]
-    key: KeyConfig,
-    #[serde(flatten)]
-    redis: RedisConfig,
+    common: Common,
 }
 
 /// Takes one request from a window in Redis and returns what is left of
@@ -77,7 +68,7 @@ struct LimitCount {
     key: Key,
     verdict: Arc<Verdict>,
     length: Duration,
-    store: Store,
+    store: Store<Window>,
 }
 
 /// What a count left means for the request.
@@ -85,11 +76,6 @@ struct Verdict {
     count: u64,
     headers: bool,
     rejection: Rejection,
-}
-
-enum Store {
-    Local(Arc<Table<Window>>),
-    Redis(Remote),
 }
 
 /// A fixed window of one key, in this process.
@@ -111,26 +97,15 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     }
     let scope = limits::scope(NAME, env, group, &config);
     let c: Config = typed(config)?;
-    let store = if c.policy == "redis" {
-        Store::Redis(Remote::new(
-            env,
-            &c.redis,
-            &scope,
-            TAKE,
-            c.allow_degradation,
-        )?)
-    } else {
-        Store::Local(env.state(&scope, Table::default))
-    };
     Ok(Arc::new(LimitCount {
-        key: Key::new(&c.key, env)?,
+        key: c.common.key(env)?,
         verdict: Arc::new(Verdict {
             count: c.count,
             headers: c.show_limit_quota_header,
-            rejection: Rejection::new(c.rejected_code, c.rejected_msg.as_deref())?,
+            rejection: c.common.rejection()?,
         }),
         length: Duration::from_secs(c.time_window),
-        store,
+        store: c.common.store(env, &scope, TAKE)?,
     }))
 }
 

@@ -14,8 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin};
 
-use crate::limits::{self, Key, KeyConfig, Outcome, Rejection, Remote, Table};
-use crate::redis::RedisConfig;
+use crate::limits::{self, Common, Key, Outcome, Rejection, Store, Table};
 
 pub(crate) const NAME: &str = "limit-req";
 pub(crate) const PRIORITY: i32 = 1001;
@@ -26,10 +25,8 @@ fn schema() -> Value {
         "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000000},
         "burst": {"type": "number", "minimum": 0, "maximum": 1000000000},
         "nodelay": {"type": "boolean", "default": false},
-        "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
     });
     props.extend(own.as_object().cloned().unwrap_or_default());
-    crate::redis::schema_properties(&mut props);
     json!({
         "type": "object",
         "properties": props,
@@ -43,14 +40,8 @@ struct Config {
     rate: f64,
     burst: f64,
     nodelay: bool,
-    policy: String,
-    rejected_code: u16,
-    rejected_msg: Option<String>,
-    allow_degradation: bool,
     #[serde(flatten)]
-    key: KeyConfig,
-    #[serde(flatten)]
-    redis: RedisConfig,
+    common: Common,
 }
 
 /// The bucket in Redis: answers `{admitted (0/1), excess as text}`.
@@ -76,7 +67,7 @@ struct LimitReq {
     key: Key,
     bucket: Bucket,
     rejection: Arc<Rejection>,
-    store: Store,
+    store: Store<Level>,
 }
 
 #[derive(Clone, Copy)]
@@ -84,11 +75,6 @@ struct Bucket {
     rate: f64,
     burst: f64,
     nodelay: bool,
-}
-
-enum Store {
-    Local(Arc<Table<Level>>),
-    Redis(Remote),
 }
 
 /// One key's bucket in this process: requests in excess of the rate, as
@@ -101,26 +87,15 @@ struct Level {
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let scope = limits::scope(NAME, env, None, &config);
     let c: Config = typed(config)?;
-    let store = if c.policy == "redis" {
-        Store::Redis(Remote::new(
-            env,
-            &c.redis,
-            &scope,
-            DRIP,
-            c.allow_degradation,
-        )?)
-    } else {
-        Store::Local(env.state(&scope, Table::default))
-    };
     Ok(Arc::new(LimitReq {
-        key: Key::new(&c.key, env)?,
+        key: c.common.key(env)?,
         bucket: Bucket {
             rate: c.rate,
             burst: c.burst,
             nodelay: c.nodelay,
         },
-        rejection: Arc::new(Rejection::new(c.rejected_code, c.rejected_msg.as_deref())?),
-        store,
+        rejection: Arc::new(c.common.rejection()?),
+        store: c.common.store(env, &scope, DRIP)?,
     }))
 }
 

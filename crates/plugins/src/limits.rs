@@ -25,9 +25,11 @@ pub(crate) struct KeyConfig {
     pub key: String,
 }
 
-/// Schema properties of [`KeyConfig`] and the rejection fields.
+/// Schema properties of [`Common`]: the key, the rejection, the policy and
+/// Redis.
 pub(crate) fn common_properties(default_code: u16) -> serde_json::Map<String, Value> {
     let props = json!({
+        "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
         "key_type": {
             "type": "string",
             "enum": ["var", "var_combination", "constant"],
@@ -38,7 +40,63 @@ pub(crate) fn common_properties(default_code: u16) -> serde_json::Map<String, Va
         "rejected_msg": {"type": "string", "minLength": 1},
         "allow_degradation": {"type": "boolean", "default": false},
     });
-    props.as_object().cloned().unwrap_or_default()
+    let mut props = props.as_object().cloned().unwrap_or_default();
+    crate::redis::schema_properties(&mut props);
+    props
+}
+
+/// The fields every limiter has: where it counts, under which key, and
+/// how it refuses.
+#[derive(Deserialize)]
+pub(crate) struct Common {
+    policy: String,
+    rejected_code: u16,
+    rejected_msg: Option<String>,
+    allow_degradation: bool,
+    #[serde(flatten)]
+    key: KeyConfig,
+    #[serde(flatten)]
+    redis: RedisConfig,
+}
+
+/// Where a limiter counts: in this process, or in Redis by a script.
+pub(crate) enum Store<T> {
+    Local(Arc<Table<T>>),
+    Redis(Remote),
+}
+
+impl Common {
+    pub(crate) fn key(&self, env: &Env) -> Result<Key, FieldError> {
+        Key::new(&self.key, env)
+    }
+
+    pub(crate) fn rejection(&self) -> Result<Rejection, FieldError> {
+        Rejection::new(self.rejected_code, self.rejected_msg.as_deref())
+    }
+
+    /// The counters under `scope`: a table kept across reloads, or
+    /// `script` in Redis.
+    pub(crate) fn store<T: Send + Sync + 'static>(
+        &self,
+        env: &Env,
+        scope: &str,
+        script: &'static str,
+    ) -> Result<Store<T>, FieldError> {
+        if self.policy == "redis" {
+            return Ok(Store::Redis(self.remote(env, scope, script)?));
+        }
+        Ok(Store::Local(env.state(scope, Table::default)))
+    }
+
+    /// `script` in the configured Redis, counting under `scope`.
+    pub(crate) fn remote(
+        &self,
+        env: &Env,
+        scope: &str,
+        script: &'static str,
+    ) -> Result<Remote, FieldError> {
+        Remote::new(env, &self.redis, scope, script, self.allow_degradation)
+    }
 }
 
 /// What a request is counted under.

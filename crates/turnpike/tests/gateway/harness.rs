@@ -254,6 +254,20 @@ pub fn one_route(node: &str) -> String {
     format!("routes:\n  - {{id: 1, uri: \"/*\", upstream: {{nodes: {{\"{node}\": 1}}}}}}\n")
 }
 
+/// Runs `turnpike check` on `resources`: whether it passed, and its stderr.
+pub fn check(resources: &str) -> (bool, String) {
+    let dir = TempDir::new();
+    let file = dir.path.join("check.yaml");
+    std::fs::write(&file, resources).unwrap();
+    let out = Command::new(binary())
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), err)
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_turnpike")
 }

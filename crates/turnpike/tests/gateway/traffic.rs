@@ -2,7 +2,6 @@
 //! breaker against an upstream that fails on demand.
 
 use std::convert::Infallible;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,22 +60,14 @@ routes:
     assert_eq!(v2.hits(), 3);
 
     // A reference to a missing upstream is refused, naming the field.
-    let bad = gw.config.with_extension("bad.yaml");
-    std::fs::write(
-        &bad,
-        format!(
-            "{}routes:\n  - {{id: r, uri: /r, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{traffic-split: {{rules: [{{weighted_upstreams: [{{upstream_id: gone}}]}}]}}}}}}\n",
-            settings(gw.port, gw.status_port),
-            stable.node()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(binary())
-        .args(["check", "-c"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let route = |plugins: &str| {
+        let node = stable.node();
+        format!("routes:\n  - {{id: r, uri: /r, upstream: {{nodes: {{\"{node}\": 1}}}}, plugins: {plugins}}}\n")
+    };
+    let (ok, err) = check(&route(
+        "{traffic-split: {rules: [{weighted_upstreams: [{upstream_id: gone}]}]}}",
+    ));
+    assert!(!ok);
     assert!(
         err.contains("route r: plugins.traffic-split.rules[0].weighted_upstreams[0].upstream_id: upstream `gone` does not exist"),
         "{err}"
@@ -84,25 +75,10 @@ routes:
 
     // Only where a plugin declares upstreams is an `upstream` object one:
     // a body schema with a field named `upstream` is just a schema.
-    std::fs::write(
-        &bad,
-        format!(
-            "{}routes:\n  - {{id: r, uri: /r, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{request-validation: {{body_schema: {{type: object, properties: {{upstream: {{type: object}}}}}}}}}}}}\n",
-            settings(gw.port, gw.status_port),
-            stable.node()
-        ),
-    )
-    .unwrap();
-    let out = Command::new(binary())
-        .args(["check", "-c"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, err) = check(&route(
+        "{request-validation: {body_schema: {type: object, properties: {upstream: {type: object}}}}}",
+    ));
+    assert!(ok, "{err}");
 }
 
 async fn name_of(gw: &Gateway, headers: &[(&str, &str)]) -> String {
