@@ -378,15 +378,7 @@ impl Cache {
         if stored.age(Instant::now()) >= self.ttl {
             return None;
         }
-        let mut reply = Reply {
-            status: stored.status,
-            headers: stored.headers.clone(),
-            body: stored.body.clone(),
-        };
-        reply
-            .headers
-            .insert(FALLBACK.clone(), HeaderValue::from_static("cache"));
-        Some(reply)
+        Some(stored.reply(&FALLBACK, "cache"))
     }
 
     fn store(&self, ctx: &Ctx, keep: Keep, body: Bytes) {

@@ -230,17 +230,14 @@ impl ProxyCache {
     }
 
     fn hit(&self, stored: &Stored, now: Instant) -> Reply {
-        let mut reply = Reply {
-            status: stored.status,
-            headers: stored.headers.clone(),
-            body: stored.body.clone(),
-        };
+        let mut reply = stored.reply(&CACHE_STATUS, "HIT");
         reply
             .headers
             .insert(AGE, HeaderValue::from(stored.age(now).as_secs()));
-        reply
-            .headers
-            .insert(CACHE_STATUS.clone(), HeaderValue::from_static("HIT"));
+        if self.hide_cache_headers {
+            reply.headers.remove(CACHE_CONTROL);
+            reply.headers.remove(EXPIRES);
+        }
         reply
     }
 
@@ -455,9 +452,12 @@ mod tests {
             &[("cache-control", "public, max-age=60")],
             "y",
         );
+        let hit = exchange(&e, ctx("/y"), 200, &[], "")
+            .1
+            .expect("kept for max-age");
         assert!(
-            exchange(&e, ctx("/y"), 200, &[], "").1.is_some(),
-            "kept for max-age"
+            hit.headers.get(CACHE_CONTROL).is_none(),
+            "hidden on a HIT too"
         );
         let nocache = request(http::Request::get("/y").header("cache-control", "no-cache"));
         let (head, _) = exchange(&e, nocache, 200, &[], "y2");

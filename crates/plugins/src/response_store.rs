@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, CACHE_CONTROL, CONTENT_LENGTH, SET_COOKIE, VARY};
 use http::StatusCode;
-use turnpike_plugin::Head;
+use turnpike_plugin::{Head, Reply};
 
 /// A stored response.
 pub(crate) struct Stored {
@@ -24,6 +24,19 @@ pub(crate) struct Stored {
 impl Stored {
     pub(crate) fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.stored)
+    }
+
+    /// The copy as an answer, marked with `header: value`.
+    pub(crate) fn reply(&self, header: &HeaderName, value: &'static str) -> Reply {
+        let mut reply = Reply {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+        };
+        reply
+            .headers
+            .insert(header.clone(), http::HeaderValue::from_static(value));
+        reply
     }
 
     fn size(&self, key: &str) -> usize {
