@@ -74,6 +74,8 @@ struct LimitCount {
 /// What a count left means for the request.
 struct Verdict {
     count: u64,
+    /// `count` as the `X-RateLimit-Limit` value, made once.
+    limit: HeaderValue,
     headers: bool,
     rejection: Rejection,
 }
@@ -101,6 +103,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         key: c.common.key(env)?,
         verdict: Arc::new(Verdict {
             count: c.count,
+            limit: HeaderValue::from(c.count),
             headers: c.show_limit_quota_header,
             rejection: c.common.rejection()?,
         }),
@@ -168,7 +171,7 @@ impl Verdict {
     fn apply(&self, ctx: &mut Ctx, left: i64, reset: Duration) -> Flow {
         if self.headers {
             let h = &mut ctx.response_headers;
-            h.insert(LIMIT.clone(), HeaderValue::from(self.count));
+            h.insert(LIMIT.clone(), self.limit.clone());
             h.insert(REMAINING.clone(), HeaderValue::from(left.max(0)));
             // Whole seconds, rounded up: a client that waits this long
             // finds a new window.

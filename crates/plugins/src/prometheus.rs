@@ -15,13 +15,17 @@
 //! the number of series is bounded by the configuration. Recording is a
 //! few atomic additions in the `log` phase, after the response is sent.
 
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use turnpike_plugin::metrics::{register, HistogramOpts, HistogramVec, IntCounterVec, Opts};
-use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Plugin};
+use turnpike_plugin::metrics::{
+    register, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+};
+use turnpike_plugin::{typed, Consumer, Ctx, Env, Factory, FieldError, Plugin};
 
 pub(crate) const NAME: &str = "prometheus";
 pub(crate) const PRIORITY: i32 = 500;
@@ -113,44 +117,147 @@ pub(crate) fn factory() -> Factory {
 
 impl Plugin for Prometheus {
     fn log(&self, ctx: &Ctx) {
-        let pick = |name: &Option<Arc<str>>, id: &Option<Arc<str>>| -> Arc<str> {
-            let chosen = if self.prefer_name {
-                name.as_ref().or(id.as_ref())
-            } else {
-                id.as_ref()
-            };
-            chosen.cloned().unwrap_or_else(|| Arc::from(""))
+        let request = ctx.started.elapsed();
+        let upstream = ctx.upstream_latency;
+        let (req_bytes, resp_bytes) = (request_bytes(ctx), response_bytes(ctx));
+        self.with_series(ctx, |s| {
+            s.status.inc();
+            s.request.observe(ms(request));
+            if let (Some(h), Some(upstream)) = (&s.upstream, upstream) {
+                h.observe(ms(upstream));
+            }
+            s.apisix
+                .observe(ms(request.saturating_sub(upstream.unwrap_or_default())));
+            s.bandwidth[0].inc_by(req_bytes);
+            s.bandwidth[1].inc_by(resp_bytes);
+        });
+    }
+}
+
+/// The metric handles of one combination of labels: finding them in the
+/// metric families hashes five label values six times under a lock, so
+/// each thread keeps the ones it used.
+struct Series {
+    status: IntCounter,
+    /// `apisix_http_latency` by `type`; `upstream` only where a node was
+    /// tried, so requests a plugin answered make no empty series.
+    request: Histogram,
+    upstream: Option<Histogram>,
+    apisix: Histogram,
+    /// `ingress`, `egress`.
+    bandwidth: [IntCounter; 2],
+}
+
+/// What a request's labels come from: the route's, service's, consumer's
+/// and node's values as the snapshot holds them (compared by address) and
+/// the status. The cache entry holds these `Arc`s, so an address cannot
+/// be reused by another value while its entry lives.
+#[derive(PartialEq, Eq, Hash)]
+struct SeriesKey {
+    route: usize,
+    service: usize,
+    consumer: usize,
+    node: usize,
+    code: u16,
+    prefer_name: bool,
+}
+
+/// The values a cached entry's labels came from.
+type Held = (
+    Option<Arc<str>>,
+    Option<Arc<str>>,
+    Option<Arc<Consumer>>,
+    Option<Arc<str>>,
+);
+
+struct Cached {
+    _held: Held,
+    series: Series,
+}
+
+/// Entries per thread at most; past it the cache starts over (reloads
+/// leave entries of values no longer served).
+const MAX_CACHED: usize = 4096;
+
+thread_local! {
+    static SERIES: RefCell<FxHashMap<SeriesKey, Cached>> = RefCell::default();
+}
+
+fn address<T: ?Sized>(v: &Option<Arc<T>>) -> usize {
+    v.as_ref()
+        .map_or(0, |a| Arc::as_ptr(a) as *const () as usize)
+}
+
+impl Prometheus {
+    fn pick<'a>(
+        &self,
+        name: &'a Option<Arc<str>>,
+        id: &'a Option<Arc<str>>,
+    ) -> &'a Option<Arc<str>> {
+        if self.prefer_name && name.is_some() {
+            name
+        } else {
+            id
+        }
+    }
+
+    fn with_series(&self, ctx: &Ctx, f: impl FnOnce(&Series)) {
+        let route = self.pick(&ctx.route_name, &ctx.route_id);
+        let service = self.pick(&ctx.service_name, &ctx.service_id);
+        let key = SeriesKey {
+            route: address(route),
+            service: address(service),
+            consumer: address(&ctx.consumer),
+            node: address(&ctx.upstream_addr),
+            code: ctx.status.map_or(0, |s| s.as_u16()),
+            prefer_name: self.prefer_name,
         };
-        let route = pick(&ctx.route_name, &ctx.route_id);
-        let service = pick(&ctx.service_name, &ctx.service_id);
-        let consumer = ctx.consumer.as_ref().map_or("", |c| &c.username);
-        let node = ctx.upstream_addr.as_deref().unwrap_or("");
-        let rest = [&*route, &*service, consumer, node];
+        SERIES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(hit) = cache.get(&key) {
+                return f(&hit.series);
+            }
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+            let series = self.series(ctx, route, service);
+            let held = (
+                route.clone(),
+                service.clone(),
+                ctx.consumer.clone(),
+                ctx.upstream_addr.clone(),
+            );
+            f(&series);
+            cache.insert(
+                key,
+                Cached {
+                    _held: held,
+                    series,
+                },
+            );
+        });
+    }
+
+    /// Looks the handles up in the metric families (once per thread and
+    /// combination of labels).
+    fn series(&self, ctx: &Ctx, route: &Option<Arc<str>>, service: &Option<Arc<str>>) -> Series {
+        let rest = [
+            route.as_deref().unwrap_or(""),
+            service.as_deref().unwrap_or(""),
+            ctx.consumer.as_ref().map_or("", |c| &c.username),
+            ctx.upstream_addr.as_deref().unwrap_or(""),
+        ];
         let labels = |first| with_first(first, &rest);
         let code = ctx.status.as_ref().map_or("0", |s| s.as_str());
         let m = self.metrics;
-        m.status.with_label_values(&labels(code)).inc();
-
-        let request = ctx.started.elapsed();
-        let upstream = ctx.upstream_latency.unwrap_or_default();
-        m.latency
-            .with_label_values(&labels("request"))
-            .observe(ms(request));
-        if ctx.upstream_latency.is_some() {
-            m.latency
-                .with_label_values(&labels("upstream"))
-                .observe(ms(upstream));
+        let latency = |t| m.latency.with_label_values(&labels(t));
+        Series {
+            status: m.status.with_label_values(&labels(code)),
+            request: latency("request"),
+            upstream: ctx.upstream_addr.as_ref().map(|_| latency("upstream")),
+            apisix: latency("apisix"),
+            bandwidth: ["ingress", "egress"].map(|t| m.bandwidth.with_label_values(&labels(t))),
         }
-        m.latency
-            .with_label_values(&labels("apisix"))
-            .observe(ms(request.saturating_sub(upstream)));
-
-        m.bandwidth
-            .with_label_values(&labels("ingress"))
-            .inc_by(request_bytes(ctx));
-        m.bandwidth
-            .with_label_values(&labels("egress"))
-            .inc_by(response_bytes(ctx));
     }
 }
 
@@ -164,7 +271,12 @@ fn ms(d: Duration) -> f64 {
 
 /// The request's size as received: request line, headers, body.
 fn request_bytes(ctx: &Ctx) -> u64 {
-    let line = ctx.req.method.as_str().len() + ctx.req.uri.to_string().len() + 11;
+    let target = ctx
+        .req
+        .uri
+        .path_and_query()
+        .map_or(1, |pq| pq.as_str().len());
+    let line = ctx.req.method.as_str().len() + target + 11;
     let body = ctx
         .header("content-length")
         .and_then(|v| v.parse::<u64>().ok())
@@ -198,6 +310,10 @@ mod tests {
         c.status = Some(http::StatusCode::IM_A_TEAPOT);
         e.plugin.log(&c);
         e.plugin.log(&c);
+        let mut other = ctx("/x");
+        other.route_id = Some("r-prom-2".into());
+        other.status = Some(http::StatusCode::IM_A_TEAPOT);
+        e.plugin.log(&other);
         let text = String::from_utf8(turnpike_plugin::metrics::render()).unwrap();
         let line = text
             .lines()
@@ -205,6 +321,11 @@ mod tests {
             .expect("a series for the route");
         assert!(line.contains("code=\"418\""), "{line}");
         assert!(line.ends_with(" 2"), "{line}");
+        let other = text
+            .lines()
+            .find(|l| l.starts_with("apisix_http_status{") && l.contains("route=\"r-prom-2\""))
+            .expect("a series for the other route");
+        assert!(other.ends_with(" 1"), "each route its own series: {other}");
         assert!(
             text.contains("apisix_http_latency_bucket{consumer=\"\",node=\"\",route=\"r-prom\"")
         );
