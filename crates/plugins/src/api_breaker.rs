@@ -80,7 +80,7 @@ fn schema() -> Value {
                     "cache": {"type": "boolean", "default": false},
                     "cache_key": {"type": "string", "minLength": 1, "default": "$request_method $host $request_uri"},
                     "cache_max_body_size": {"type": "integer", "minimum": 1, "maximum": 8388608, "default": 1048576},
-                    "cache_max_bytes": {"type": "integer", "minimum": 1024, "maximum": 4294967296u64, "default": 16777216},
+                    "cache_max_bytes": {"type": "integer", "minimum": 1048576, "maximum": 4294967296u64, "default": 16777216},
                     "cache_ttl": {"type": "integer", "minimum": 1, "default": 3600},
                     "upstream_id": {"type": ["string", "integer"]},
                     "upstream": {"type": "object"}

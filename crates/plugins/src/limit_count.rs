@@ -98,9 +98,13 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         }
     }
     let scope = limits::scope(NAME, env, group, &config);
+    let grouped = group.is_some();
     let c: Config = typed(config)?;
     Ok(Arc::new(LimitCount {
-        key: c.common.key(env)?,
+        key: match grouped {
+            true => c.common.key(env)?.shared(),
+            false => c.common.key(env)?,
+        },
         verdict: Arc::new(Verdict {
             count: c.count,
             limit: HeaderValue::from(c.count),
@@ -284,6 +288,27 @@ mod tests {
             mismatch.err().unwrap()[0].path,
             "group",
             "one group, one config"
+        );
+
+        let mut on_service = Env::default();
+        on_service.set_owner("service s");
+        let config = json!({"count": 1, "time_window": 60, "key_type": "constant", "key": "k"});
+        let per_route = entry_with(NAME, config.clone(), &on_service);
+        let mut grouped = config;
+        grouped["group"] = json!("g2");
+        let shared = entry_with(NAME, grouped, &on_service);
+        let on_route = |e: &turnpike_plugin::Entry, route: &str| {
+            let mut c = ctx("/");
+            c.route_id = Some(route.into());
+            run_now(Phase::Access, e, &mut c).is_none()
+        };
+        assert!(
+            on_route(&per_route, "a") && on_route(&per_route, "b"),
+            "a service's routes count apart"
+        );
+        assert!(
+            on_route(&shared, "a") && !on_route(&shared, "b"),
+            "unless they share a group"
         );
     }
 

@@ -134,6 +134,13 @@ impl Key {
     /// The request's key. When the variables are all empty the client's
     /// address stands in, as in APISIX, so a missing header does not put
     /// every such client under one counter.
+    /// One counter for every route using the config, whatever resource
+    /// it is on (a `group`).
+    pub(crate) fn shared(mut self) -> Key {
+        self.per_route = false;
+        self
+    }
+
     pub(crate) fn of<'c>(&self, ctx: &'c Ctx) -> Cow<'c, str> {
         let key = match &self.source {
             Source::Var(var) => ctx.var(var).filter(|v| !v.is_empty()),

@@ -301,15 +301,22 @@ fn hostname() -> &'static str {
     })
 }
 
-/// Headers as a JSON object (values as text; a repeated header keeps its
-/// last value).
+/// Headers as a JSON object, values as text; a repeated header's values
+/// joined with `, `.
 struct Headers<'a>(&'a HeaderMap);
 
 impl Serialize for Headers<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.keys_len()))?;
-        for (name, value) in self.0 {
-            map.serialize_entry(name.as_str(), &String::from_utf8_lossy(value.as_bytes()))?;
+        for name in self.0.keys() {
+            let mut text = String::new();
+            for (i, v) in self.0.get_all(name).iter().enumerate() {
+                if i > 0 {
+                    text.push_str(", ");
+                }
+                text.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+            map.serialize_entry(name.as_str(), &text)?;
         }
         map.end()
     }

@@ -53,7 +53,7 @@ fn schema() -> Value {
             "no_cache": vars,
             "cache_ttl": {"type": "integer", "minimum": 1, "default": 300},
             "stale_if_error": {"type": "integer", "minimum": 0, "default": 0},
-            "cache_max_bytes": {"type": "integer", "minimum": 1024, "default": 67108864},
+            "cache_max_bytes": {"type": "integer", "minimum": 1048576, "default": 67108864},
             "cache_max_body_size": {"type": "integer", "minimum": 1, "maximum": MAX_BUFFERED_BODY, "default": 1048576}
         },
         "additionalProperties": false

@@ -136,14 +136,18 @@ struct Shard {
     max_bytes: usize,
 }
 
+/// Shards at most; each holds at least [`MIN_SHARD_BYTES`], so a store
+/// can keep a response of up to that size whatever its total.
 const SHARDS: usize = 16;
+const MIN_SHARD_BYTES: usize = 4 * 1024 * 1024;
 
 impl Store {
     pub(crate) fn new(max_bytes: usize) -> Store {
-        let shards = (0..SHARDS)
+        let count = (max_bytes / MIN_SHARD_BYTES).clamp(1, SHARDS);
+        let shards = (0..count)
             .map(|_| {
                 Mutex::new(Shard {
-                    max_bytes: max_bytes / SHARDS,
+                    max_bytes: max_bytes / count,
                     ..Shard::default()
                 })
             })
@@ -155,7 +159,7 @@ impl Store {
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let i = self.hasher.hash_one(key) as usize % SHARDS;
+        let i = self.hasher.hash_one(key) as usize % self.shards.len();
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -228,12 +232,13 @@ mod tests {
 
     #[test]
     fn the_store_keeps_within_its_size_and_its_index_compact() {
-        let store = Store::new(SHARDS * 4096);
+        let store = Store::new(64 * 1024);
+        assert_eq!(store.shards.len(), 1, "small stores are one shard");
         for i in 0..1000 {
             store.put(format!("k{i}").into(), stored(500));
         }
         let total: usize = store.shards.iter().map(|s| s.lock().unwrap().bytes).sum();
-        assert!(total <= SHARDS * 4096, "{total}");
+        assert!(total <= 64 * 1024, "{total}");
         assert!(store.get("k999").is_some(), "the newest stays");
         assert!(store.get("k0").is_none(), "the oldest went");
         for _ in 0..10_000 {
@@ -247,6 +252,12 @@ mod tests {
         assert!(
             order < 1000,
             "refreshing one key does not grow the index: {order}"
+        );
+        let big = Store::new(16 * 1024 * 1024);
+        big.put("one-mib".into(), stored(1024 * 1024));
+        assert!(
+            big.get("one-mib").is_some(),
+            "a 1 MiB body fits a 16 MiB store"
         );
     }
 

@@ -51,9 +51,13 @@ pub(crate) fn gateway() -> &'static Gateway {
 }
 
 impl Gateway {
-    /// A client connection was accepted; the guard marks it handled when dropped.
+    /// A client connection was accepted; the guard counts it out of
+    /// `active` when dropped.
     pub(crate) fn connection(&'static self) -> ConnectionGuard {
+        // As nginx: `handled` is every accepted connection not dropped at
+        // once for lack of resources, which Turnpike never does.
         self.connections.with_label_values(&["accepted"]).inc();
+        self.connections.with_label_values(&["handled"]).inc();
         self.connections.with_label_values(&["active"]).inc();
         ConnectionGuard(self)
     }
@@ -64,7 +68,6 @@ pub(crate) struct ConnectionGuard(&'static Gateway);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.with_label_values(&["active"]).dec();
-        self.0.connections.with_label_values(&["handled"]).inc();
     }
 }
 
