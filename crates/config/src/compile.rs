@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use turnpike_plugin::{Chain, Consumer, Entry, Env, Registry};
 use turnpike_router::{RouteSpec, Router, Var};
-use turnpike_upstream::Kind;
+use turnpike_upstream::{Checks, Health, Kind};
 
 use crate::file::Resources;
 use crate::gateway::seconds;
@@ -660,12 +660,7 @@ impl Compiler<'_> {
                 "service discovery is not available in this build: list `nodes`",
             );
         }
-        if u.checks.is_some() {
-            self.warnings.push(format!(
-                "{label}: {}: health checks are not available in this build; ignored",
-                at("checks")
-            ));
-        }
+        let checks = self.checks(u, label, &at("checks"));
         let retry_timeout = match u.retry_timeout.map(|t| (t, seconds(t))) {
             Some((_, None)) => {
                 self.err(label, at("retry_timeout"), "must be 0 to 31536000 seconds");
@@ -705,6 +700,7 @@ impl Compiler<'_> {
             return None;
         }
         let mut nodes = nodes;
+        let nodes_len = nodes.len();
         let up = Arc::new(Upstream {
             key: key.clone(),
             groups: Upstream::groups(kind?, &mut nodes),
@@ -717,10 +713,52 @@ impl Compiler<'_> {
             scheme,
             tls_verify,
             keepalive,
+            health: checks.map(|c| Arc::new(Health::new(c, nodes_len))),
             source: u.clone(),
         });
         self.upstreams.insert(key, up.clone());
         Some(up)
+    }
+
+    /// Reads `checks` (APISIX's fields), refusing what this build cannot
+    /// probe.
+    fn checks(&mut self, u: &model::Upstream, label: &str, at: &str) -> Option<Checks> {
+        let value = u.checks.as_ref()?;
+        let checks: Checks = match serde_path_to_error::deserialize(value) {
+            Ok(c) => c,
+            Err(e) => {
+                let path = e.path().to_string();
+                self.err(label, format!("{at}.{path}"), e.into_inner().to_string());
+                return None;
+            }
+        };
+        if let Some(a) = &checks.active {
+            if !matches!(a.kind.as_str(), "http" | "tcp") {
+                self.err(
+                    label,
+                    format!("{at}.active.type"),
+                    "must be `http` or `tcp` (https probes are not available in this build)",
+                );
+            }
+            if !(a.timeout > 0.0 && a.timeout <= 300.0) {
+                self.err(
+                    label,
+                    format!("{at}.active.timeout"),
+                    "must be more than 0 and at most 300 seconds",
+                );
+            }
+            if a.healthy.interval == 0 && a.unhealthy.interval == 0 {
+                self.err(
+                    label,
+                    format!("{at}.active.healthy.interval"),
+                    "one of the intervals must be more than 0",
+                );
+            }
+        }
+        if checks.passive.as_ref().is_some_and(|p| p.kind != "http") {
+            self.err(label, format!("{at}.passive.type"), "must be `http`");
+        }
+        (checks.active.is_some() || checks.passive.is_some()).then_some(checks)
     }
 
     fn nodes(&mut self, u: &model::Upstream, scheme: Scheme, label: &str, at: &str) -> Vec<Node> {

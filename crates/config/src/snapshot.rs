@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use turnpike_plugin::{Chain, Consumer};
 use turnpike_router::{Router, Var};
-use turnpike_upstream::Balancer;
+use turnpike_upstream::{Balancer, Health};
 
 use crate::model;
 
@@ -84,6 +84,9 @@ pub struct Upstream {
     pub scheme: Scheme,
     pub tls_verify: bool,
     pub keepalive: Keepalive,
+    /// Node health, when the upstream has `checks`; kept with the upstream
+    /// across reloads that do not change it.
+    pub health: Option<Arc<Health>>,
     /// The config it was compiled from, to tell whether a reload changed it.
     pub(crate) source: model::Upstream,
 }
@@ -128,9 +131,28 @@ impl Upstream {
 
     /// The node to try next, skipping those already `tried`.
     pub fn pick(&self, hash_key: Option<&[u8]>, tried: &[usize]) -> Option<usize> {
+        let Some(health) = &self.health else {
+            return self.pick_among(hash_key, |i| tried.contains(&i));
+        };
+        let healthy = self.pick_among(hash_key, |i| tried.contains(&i) || !health.is_healthy(i));
+        healthy.or_else(|| {
+            // Every node left is down: try them anyway, as APISIX does; a
+            // node marked down may have come back.
+            let any = self.pick_among(hash_key, |i| tried.contains(&i));
+            if any.is_some() && tried.is_empty() && health.log_all_down() {
+                tracing::warn!(
+                    "upstream {}: every node is unhealthy; trying one anyway",
+                    self.key
+                );
+            }
+            any
+        })
+    }
+
+    fn pick_among(&self, hash_key: Option<&[u8]>, skip: impl Fn(usize) -> bool) -> Option<usize> {
         self.groups.iter().find_map(|g| {
             g.balancer
-                .pick(hash_key, |slot| tried.contains(&g.members[slot]))
+                .pick(hash_key, |slot| skip(g.members[slot]))
                 .map(|slot| g.members[slot])
         })
     }

@@ -16,12 +16,14 @@ use hyper::upgrade::OnUpgrade;
 use turnpike_config::{HashOn, KeyPart, PassHost, Route, Scheme, Snapshot, Timeouts, Upstream};
 use turnpike_plugin::{host_only, Conn, Ctx};
 use turnpike_router::{encode_path, normalize_path, VarSource};
+use turnpike_upstream::Outcome;
 
 use crate::body::{BodySent, ProxyBody};
 use crate::error::Failure;
 use crate::headers::{
     new_request_id, set_forwarded, strip_hop_by_hop, usable_request_id, wants_upgrade,
 };
+use crate::health;
 use crate::pool::{self, ConnectError, SendError, Target};
 use crate::{Shared, X_REQUEST_ID};
 
@@ -216,6 +218,7 @@ pub(crate) async fn forward(
         .await;
         match result {
             Ok((resp, back)) => {
+                health::observed(upstream, node, Outcome::Status(resp.status().as_u16()));
                 if for_plugins {
                     ctx.req.headers = back.or(copy).unwrap_or_default();
                     ctx.upstream_latency = Some(sent_at.elapsed());
@@ -229,7 +232,14 @@ pub(crate) async fn forward(
                     guard.failed(timeouts.connect);
                 }
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{e}");
-                last = if matches!(e, ConnectError::Timeout) {
+                let timed_out = matches!(e, ConnectError::Timeout);
+                let outcome = if timed_out {
+                    Outcome::Timeout
+                } else {
+                    Outcome::TcpFailure
+                };
+                health::observed(upstream, node, outcome);
+                last = if timed_out {
                     Failure::Timeout
                 } else {
                     Failure::BadGateway
@@ -240,6 +250,11 @@ pub(crate) async fn forward(
             }
             Err(Attempt::Failed(failure, reason)) => {
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
+                let outcome = match failure {
+                    Failure::Timeout => Outcome::Timeout,
+                    _ => Outcome::TcpFailure,
+                };
+                health::observed(upstream, node, outcome);
                 if for_plugins {
                     ctx.req.headers = copy.unwrap_or_default();
                     ctx.upstream_status = Some(failure.status());

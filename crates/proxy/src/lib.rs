@@ -13,6 +13,7 @@ mod error;
 mod h1;
 mod handler;
 mod headers;
+mod health;
 mod idle;
 mod metrics;
 mod phases;
@@ -32,6 +33,7 @@ use http::HeaderName;
 use turnpike_config::Snapshot;
 
 pub use body::ProxyBody;
+pub use health::start_health_checks;
 pub use server::Server;
 pub use status::serve_status;
 

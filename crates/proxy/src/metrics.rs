@@ -13,6 +13,8 @@ pub(crate) struct Gateway {
     pub requests: IntCounter,
     /// The configuration revision being served.
     pub revision: IntGauge,
+    /// Health of the nodes of upstreams with checks (set at scrape time).
+    pub upstream_status: IntGaugeVec,
 }
 
 pub(crate) fn gateway() -> &'static Gateway {
@@ -42,7 +44,16 @@ pub(crate) fn gateway() -> &'static Gateway {
         node.with_label_values(&[&hostname(), env!("CARGO_PKG_VERSION")])
             .set(1);
         register(node);
+        let upstream_status = IntGaugeVec::new(
+            Opts::new(
+                "apisix_upstream_status",
+                "Upstream node health by health checks: 1 healthy, 0 unhealthy",
+            ),
+            &["name", "ip", "port"],
+        )
+        .expect("valid metric");
         Gateway {
+            upstream_status: register(upstream_status),
             connections: register(connections),
             requests: register(requests),
             revision: register(revision),

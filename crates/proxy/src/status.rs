@@ -63,6 +63,7 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" | "/apisix/prometheus/metrics" => {
             crate::metrics::gateway().revision.set(revision as i64);
+            upstream_status(shared);
             let mut resp = Response::new(Full::new(Bytes::from(metrics::render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -120,7 +121,14 @@ fn health(shared: &Shared) -> serde_json::Value {
             let nodes: Vec<_> = u
                 .nodes
                 .iter()
-                .map(|n| serde_json::json!({"address": &*n.addr, "weight": n.weight, "state": "unchecked"}))
+                .enumerate()
+                .map(|(i, n)| {
+                    let mut node = serde_json::json!({"address": &*n.addr, "weight": n.weight, "state": node_state(u, i)});
+                    if let Some(why) = u.health.as_ref().and_then(|h| h.down_reason(i)) {
+                        node["reason"] = why.into();
+                    }
+                    node
+                })
                 .collect();
             serde_json::json!({"key": &*u.key, "nodes": nodes})
         })
@@ -150,15 +158,46 @@ fn services(shared: &Shared) -> serde_json::Value {
         .into_iter()
         .filter_map(|(key, routes)| {
             let u = snapshot.upstreams.get(key)?;
+            let healthy = (0..u.nodes.len())
+                .filter(|&i| node_state(u, i) != "unhealthy")
+                .count();
             Some(serde_json::json!({
                 "upstream": key,
                 "routes": routes,
                 "nodes": u.nodes.len(),
-                "healthy": u.nodes.len(),
+                "healthy": healthy,
             }))
         })
         .collect();
     serde_json::json!({ "services": services })
+}
+
+/// `healthy` or `unhealthy` by the upstream's checks; `unchecked` without.
+fn node_state(u: &turnpike_config::Upstream, i: usize) -> &'static str {
+    match &u.health {
+        None => "unchecked",
+        Some(h) if h.is_healthy(i) => "healthy",
+        Some(_) => "unhealthy",
+    }
+}
+
+/// `apisix_upstream_status`, made anew from the snapshot at each scrape:
+/// 1 for a healthy node, 0 for an unhealthy one, for upstreams with checks.
+fn upstream_status(shared: &Shared) {
+    let gauge = &crate::metrics::gateway().upstream_status;
+    gauge.reset();
+    for u in shared.snapshot.load().upstreams.values() {
+        if u.health.is_none() {
+            continue;
+        }
+        for (i, n) in u.nodes.iter().enumerate() {
+            let name = format!("/apisix/{}", u.key);
+            let up = i64::from(node_state(u, i) == "healthy");
+            gauge
+                .with_label_values(&[&name, &n.host, &n.port.to_string()])
+                .set(up);
+        }
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {

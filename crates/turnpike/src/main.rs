@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
-use turnpike_proxy::{serve_status, Server, Shared};
+use turnpike_proxy::{serve_status, start_health_checks, Server, Shared};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -225,6 +225,8 @@ fn init_logging(level: &str) {
 
 async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Result<()> {
     let routes = snapshot.routes.len();
+    let runtime = tokio::runtime::Handle::current();
+    start_health_checks(&snapshot, &runtime);
     let shared = Shared::new(snapshot, gateway.client_body_timeout);
     let server = Server::start(
         &gateway.listen,
@@ -240,6 +242,7 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
         shared: shared.clone(),
         gateway,
         last: Mutex::new(std::fs::read_to_string(path).ok()),
+        runtime,
     });
     let on_change = reloader.clone();
     let _watch =
@@ -279,6 +282,8 @@ struct Reloader {
     /// The text last applied or refused, so events that do not change the
     /// file (another file in its directory, a touch) cost nothing.
     last: Mutex<Option<String>>,
+    /// Where active health checkers of new upstreams run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Reloader {
@@ -303,6 +308,7 @@ impl Reloader {
                     tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
                 }
                 let (revision, routes) = (snapshot.revision, snapshot.routes.len());
+                start_health_checks(&snapshot, &self.runtime);
                 self.shared.snapshot.store(Arc::new(snapshot));
                 let elapsed_ms = started.elapsed().as_millis() as u64;
                 tracing::info!(

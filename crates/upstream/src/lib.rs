@@ -16,10 +16,13 @@
 
 mod chash;
 mod ewma;
+pub mod health;
 mod least_conn;
 mod roundrobin;
 
 use std::time::Duration;
+
+pub use health::{Checks, Health, Outcome, Source};
 
 /// The balancing algorithm, as APISIX's upstream `type` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@ mod harness;
 mod services;
 
 mod balancing;
+mod health;
 mod lifecycle;
 mod limits;
 mod observability;

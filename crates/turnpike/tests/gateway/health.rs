@@ -1,0 +1,212 @@
+//! Health checks end to end: real nodes stopped and started on their
+//! ports while the gateway probes them (active) or sends them traffic
+//! (passive).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Response;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::harness::*;
+
+/// A node answering 200 with its name; it can be stopped (listener and
+/// connections closed) and started again on the same port.
+struct Node {
+    name: &'static str,
+    port: u16,
+    hits: Arc<AtomicUsize>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Node {
+    async fn start(name: &'static str) -> Node {
+        let mut n = Node {
+            name,
+            port: free_port(),
+            hits: Arc::default(),
+            tasks: None,
+        };
+        n.resume().await;
+        n
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn resume(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let (name, hits) = (self.name, self.hits.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let hits = hits.clone();
+                conns.spawn(async move {
+                    let service = service_fn(move |_req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(Response::new(full(name))) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+}
+
+async fn node_state(gw: &Gateway, addr: &str) -> (String, String) {
+    let url = format!("http://127.0.0.1:{}/gateway/health", gw.status_port);
+    let health = get(&url).await.unwrap().json();
+    let nodes = health["upstreams"][0]["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let node = nodes
+        .iter()
+        .find(|n| n["address"] == addr)
+        .cloned()
+        .unwrap_or_default();
+    let text = |k: &str| node[k].as_str().unwrap_or_default().to_owned();
+    (text("state"), text("reason"))
+}
+
+async fn wait_state(gw: &Gateway, addr: &str, want: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (state, reason) = node_state(gw, addr).await;
+        if state == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{addr} still {state} ({reason}) after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn upstream(nodes: &[&Node], checks: &str) -> String {
+    let nodes: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("\"{}\": 1", n.addr()))
+        .collect();
+    format!(
+        "upstreams:\n  - {{id: u, nodes: {{{}}}, checks: {checks}}}\nroutes:\n  - {{id: r, uri: /*, upstream_id: u}}\n",
+        nodes.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn active_checks_take_a_stopped_node_out_and_bring_it_back() {
+    let (a, mut b, c) = (
+        Node::start("a").await,
+        Node::start("b").await,
+        Node::start("c").await,
+    );
+    let gw = Gateway::start(&upstream(
+        &[&a, &b, &c],
+        "{active: {type: http, http_path: /ping, timeout: 0.5, healthy: {interval: 1, successes: 1}, \
+         unhealthy: {interval: 1, tcp_failures: 2}}}",
+    ))
+    .await;
+    wait_state(&gw, &b.addr(), "healthy", Duration::from_secs(3)).await;
+
+    b.stop().await;
+    let took = wait_state(&gw, &b.addr(), "unhealthy", Duration::from_secs(5)).await;
+    assert!(
+        took <= Duration::from_secs(4),
+        "out within interval × failures: {took:?}"
+    );
+    let (_, reason) = node_state(&gw, &b.addr()).await;
+    assert!(reason.contains("connection failures"), "{reason}");
+    let before = b.hits.load(Ordering::SeqCst);
+    for _ in 0..30 {
+        let r = get(&gw.url("/x")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_ne!(r.body, "b");
+    }
+    assert_eq!(b.hits.load(Ordering::SeqCst), before);
+    let metrics = get(&format!("http://127.0.0.1:{}/metrics", gw.status_port))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains(&format!(
+            "apisix_upstream_status{{ip=\"127.0.0.1\",name=\"/apisix/upstreams/u\",port=\"{}\"}} 0",
+            b.port
+        )),
+        "{metrics}"
+    );
+
+    b.resume().await;
+    wait_state(&gw, &b.addr(), "healthy", Duration::from_secs(5)).await;
+    let mut saw_b = false;
+    for _ in 0..12 {
+        saw_b |= get(&gw.url("/x")).await.unwrap().body == "b";
+    }
+    assert!(saw_b, "traffic reaches the node again");
+}
+
+#[tokio::test]
+async fn passive_checks_and_retries_lose_no_get_when_a_node_dies() {
+    let (a, mut b, c) = (
+        Node::start("a").await,
+        Node::start("b").await,
+        Node::start("c").await,
+    );
+    let gw = Gateway::start(&upstream(
+        &[&a, &b, &c],
+        "{passive: {unhealthy: {tcp_failures: 2}}}",
+    ))
+    .await;
+    for _ in 0..9 {
+        assert_eq!(get(&gw.url("/x")).await.unwrap().status, 200);
+    }
+    b.stop().await;
+    for i in 0..60 {
+        let r = get(&gw.url("/x")).await.unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    let (state, reason) = node_state(&gw, &b.addr()).await;
+    assert_eq!(state, "unhealthy");
+    assert!(reason.contains("passive"), "{reason}");
+    let failures = gw.log_text().matches("connect failed").count();
+    assert!(
+        failures <= 3,
+        "once down, the node is no longer tried: {failures} failed connects"
+    );
+}
+
+#[tokio::test]
+async fn checks_this_build_cannot_run_are_refused() {
+    let (ok, err) = check(
+        "upstreams:\n  - {id: u, nodes: {\"127.0.0.1:1\": 1}, checks: {active: {type: https}}}\n",
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("upstream u: checks.active.type: must be `http` or `tcp`"),
+        "{err}"
+    );
+    let (ok, err) = check(
+        "upstreams:\n  - {id: u, nodes: {\"127.0.0.1:1\": 1}, checks: {active: {healthy: {intervall: 1}}}}\n",
+    );
+    assert!(!ok);
+    assert!(err.contains("checks.active.healthy"), "{err}");
+}
