@@ -203,9 +203,18 @@ pub(crate) async fn forward(
         if for_plugins {
             ctx.upstream_addr = Some(upstream.nodes[node].addr.clone());
         }
+        // A request without a body and with an idempotent method may go
+        // again to another node if its connection breaks after it was sent
+        // (before any answer), as nginx's `proxy_next_upstream error`
+        // allows: it needs its headers back for that.
+        let replayable = sent.is_none()
+            && client_upgrade.is_none()
+            && is_idempotent(&ctx.req.method)
+            && attempts < upstream.max_attempts().min(MAX_TRIED);
         // The response phases read the request's headers: the own client
         // hands them back, the others need a copy.
-        let copy = (for_plugins && !goes_inline(&target, &client_upgrade, sent.as_ref()))
+        let copy = ((for_plugins && !goes_inline(&target, &client_upgrade, sent.as_ref()))
+            || replayable)
             .then(|| req.headers().clone());
         let result = exchange(
             &target,
@@ -255,6 +264,13 @@ pub(crate) async fn forward(
                     _ => Outcome::TcpFailure,
                 };
                 health::observed(upstream, node, outcome);
+                if failure == Failure::BadGateway && replayable {
+                    if let Some(headers) = copy {
+                        ctx.req.headers = headers;
+                        last = failure;
+                        continue;
+                    }
+                }
                 if for_plugins {
                     ctx.req.headers = copy.unwrap_or_default();
                     ctx.upstream_status = Some(failure.status());
@@ -270,6 +286,20 @@ pub(crate) async fn forward(
         ctx.upstream_status = Some(last.status());
     }
     last.respond(&ctx.request_id)
+}
+
+/// Methods a request may be sent again with (RFC 9110 §9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
 }
 
 /// The body to send and, when there is one, what tells that it has gone:

@@ -210,3 +210,52 @@ async fn checks_this_build_cannot_run_are_refused() {
     assert!(!ok);
     assert!(err.contains("checks.active.healthy"), "{err}");
 }
+
+/// A node that reads each request and closes the connection unanswered.
+async fn dropping_node() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_get_whose_connection_breaks_after_sending_goes_to_another_node() {
+    let good = Node::start("good").await;
+    let bad = dropping_node().await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: r, uri: /*, upstream: {{type: roundrobin, nodes: {{\"{bad}\": 1, \"{}\": 1}}}}}}\n",
+        good.addr()
+    ))
+    .await;
+    for _ in 0..6 {
+        let r = get(&gw.url("/x")).await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "good"),
+            "GETs are replayed"
+        );
+    }
+    let mut refused = 0;
+    for _ in 0..6 {
+        let req = http::Request::post(gw.url("/x"))
+            .body(full("order"))
+            .unwrap();
+        let r = send(&client(), req).await.unwrap();
+        if r.status == 502 {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0,
+        "a POST that reached a node is never sent twice"
+    );
+}
