@@ -707,6 +707,7 @@ impl Compiler<'_> {
             nodes: nodes.into(),
             hash_on,
             retries: u.retries,
+            retry_on_statuses: u.retry_on_statuses.clone().unwrap_or_default().into(),
             retry_timeout,
             timeouts,
             pass_host,

@@ -112,6 +112,9 @@ pub struct Upstream {
     pub checks: Option<Value>,
     pub retries: Option<u32>,
     pub retry_timeout: Option<f64>,
+    /// Turnpike: answers that send a bodyless idempotent request to the
+    /// next node, as nginx's `proxy_next_upstream http_502`.
+    pub retry_on_statuses: Option<Vec<u16>>,
     pub timeout: Option<Timeout>,
     #[serde(default = "pass")]
     pub pass_host: String,

@@ -78,6 +78,8 @@ pub struct Upstream {
     pub hash_on: Option<HashOn>,
     /// Attempts after the first; `None` means "as many as there are other nodes".
     pub retries: Option<u32>,
+    /// Statuses that send a bodyless idempotent request to the next node.
+    pub retry_on_statuses: Box<[u16]>,
     pub retry_timeout: Option<Duration>,
     pub timeouts: Timeouts,
     pub pass_host: PassHost,

@@ -227,9 +227,19 @@ pub(crate) async fn forward(
         .await;
         match result {
             Ok((resp, back)) => {
-                health::observed(upstream, node, Outcome::Status(resp.status().as_u16()));
+                let status = resp.status().as_u16();
+                health::observed(upstream, node, Outcome::Status(status));
+                let mut headers = back.or(copy);
+                if replayable && upstream.retry_on_statuses.contains(&status) {
+                    if let Some(headers) = headers.take() {
+                        tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "upstream answered {status}; trying another node");
+                        ctx.req.headers = headers;
+                        last = Failure::BadGateway;
+                        continue;
+                    }
+                }
                 if for_plugins {
-                    ctx.req.headers = back.or(copy).unwrap_or_default();
+                    ctx.req.headers = headers.unwrap_or_default();
                     ctx.upstream_latency = Some(sent_at.elapsed());
                     ctx.upstream_status = Some(resp.status());
                 }

@@ -259,3 +259,58 @@ async fn a_get_whose_connection_breaks_after_sending_goes_to_another_node() {
         "a POST that reached a node is never sent twice"
     );
 }
+
+/// A node that answers every request with `status`.
+async fn status_node(status: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| async move {
+                    let resp = Response::builder().status(status).body(full("busy"));
+                    Ok::<_, Infallible>(resp.unwrap())
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn retry_on_statuses_sends_gets_to_the_next_node() {
+    let good = Node::start("good").await;
+    let busy = status_node(503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  - {{id: u, retry_on_statuses: [503], nodes: {{\"{busy}\": 1, \"{}\": 1}}}}\n\
+         \x20 - {{id: plain, nodes: {{\"{busy}\": 1, \"{}\": 1}}}}\n\
+         routes:\n  - {{id: r, uri: /r, upstream_id: u}}\n  - {{id: p, uri: /p, upstream_id: plain}}\n",
+        good.addr(),
+        good.addr()
+    ))
+    .await;
+    for _ in 0..4 {
+        assert_eq!(get(&gw.url("/r")).await.unwrap().status, 200);
+    }
+    let statuses: Vec<u16> = {
+        let mut s = Vec::new();
+        for _ in 0..4 {
+            s.push(get(&gw.url("/p")).await.unwrap().status);
+        }
+        s
+    };
+    assert!(
+        statuses.contains(&503),
+        "without the setting a 503 is an answer: {statuses:?}"
+    );
+    let mut posts = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::post(gw.url("/r")).body(full("x")).unwrap();
+        posts.push(send(&client(), req).await.unwrap().status);
+    }
+    assert!(posts.contains(&503), "a POST is not sent twice: {posts:?}");
+}
