@@ -653,12 +653,23 @@ impl Compiler<'_> {
         } else {
             None
         };
-        if u.discovery_type.is_some() || u.service_name.is_some() {
-            self.err(
+        match (u.discovery_type.as_deref(), &u.service_name) {
+            (None, None) | (Some("dns"), Some(_)) => {}
+            (Some("dns"), None) => self.err(
+                label,
+                at("service_name"),
+                "required with `discovery_type: dns`",
+            ),
+            (None, Some(_)) => self.err(
                 label,
                 at("discovery_type"),
-                "service discovery is not available in this build: list `nodes`",
-            );
+                "required with `service_name` (`dns`)",
+            ),
+            (Some(_), _) => self.err(
+                label,
+                at("discovery_type"),
+                "only `dns` is available in this build",
+            ),
         }
         let checks = self.checks(u, label, &at("checks"));
         let retry_timeout = match u.retry_timeout.map(|t| (t, seconds(t))) {

@@ -21,6 +21,9 @@ pub struct Gateway {
     pub config_provider: Provider,
     pub etcd: Option<Value>,
     pub redis: Option<Value>,
+    /// Where `discovery_type: dns` upstreams are resolved.
+    #[serde(default)]
+    pub dns: Dns,
     #[serde(default = "default_data_dir")]
     pub data_dir: String,
     /// Worker threads, each with its own listeners and pools; 0 = one per core.
@@ -51,6 +54,15 @@ pub struct Admin {
     pub listen: String,
     pub key: Option<String>,
     pub allow_admin: Option<Vec<String>>,
+}
+
+/// `gateway.dns`: the resolvers asked for DNS discovery.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// `ip:port` of each nameserver; empty: the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -27,7 +27,7 @@ mod watch;
 
 pub use compile::compile;
 pub use file::{load, parse, ConfigFile, Resources, KINDS};
-pub use gateway::{parse_duration, Admin, Gateway, Provider, Status};
+pub use gateway::{parse_duration, Admin, Dns, Gateway, Provider, Status};
 pub use snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,
     Upstream,

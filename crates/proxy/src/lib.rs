@@ -9,6 +9,7 @@
 
 mod body;
 mod clock;
+mod dns;
 mod error;
 mod h1;
 mod handler;
@@ -33,6 +34,7 @@ use http::HeaderName;
 use turnpike_config::Snapshot;
 
 pub use body::ProxyBody;
+pub use dns::{Dns, DnsNode};
 pub use health::start_health_checks;
 pub use server::Server;
 pub use status::serve_status;

@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
-use turnpike_proxy::{serve_status, start_health_checks, Server, Shared};
+use turnpike_proxy::{serve_status, start_health_checks, Dns, Server, Shared};
+
+/// Why a reload runs when a DNS answer changed.
+const DNS_CHANGED: &str = "a DNS answer changed";
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -99,8 +102,11 @@ fn load(
     path: &Path,
     previous: Option<&Snapshot>,
 ) -> Result<(ConfigFile, Snapshot), Vec<ConfigError>> {
-    let file = turnpike_config::load(path)?;
+    let mut file = turnpike_config::load(path)?;
     let mut errors = settings_errors(&file.gateway);
+    if let Err(e) = discover(&mut file) {
+        errors.push(e);
+    }
     let revision = previous.map_or(1, |p| p.revision + 1);
     match turnpike_config::compile(&file.resources, registry(), previous, revision) {
         Ok(snapshot) if errors.is_empty() => Ok((file, snapshot)),
@@ -110,6 +116,80 @@ fn load(
             Err(errors)
         }
     }
+}
+
+/// The DNS resolver of `discovery_type: dns` upstreams, made when first
+/// needed with the `gateway.dns` of that moment (a change applies on
+/// restart, like the other node settings).
+static DNS: std::sync::OnceLock<Arc<Dns>> = std::sync::OnceLock::new();
+
+/// The serving gateway's reloader, for DNS changes to reach.
+static RELOADER: std::sync::OnceLock<std::sync::Weak<Reloader>> = std::sync::OnceLock::new();
+
+/// Fills the nodes of `discovery_type: dns` upstreams with what DNS says
+/// now, watching names not seen before (and waiting a few seconds for
+/// their first answer, so the gateway starts with its nodes).
+fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
+    let res = &mut file.resources;
+    let upstreams = res
+        .upstreams
+        .iter_mut()
+        .chain(res.routes.iter_mut().filter_map(|r| r.upstream.as_mut()))
+        .chain(res.services.iter_mut().filter_map(|s| s.upstream.as_mut()))
+        .filter(|u| u.discovery_type.as_deref() == Some("dns"));
+    let upstreams: Vec<&mut turnpike_config::model::Upstream> = upstreams.collect();
+    if upstreams.is_empty() {
+        return Ok(());
+    }
+    let dns = match DNS.get() {
+        Some(d) => d,
+        None => {
+            let mut servers = Vec::new();
+            for (i, s) in file.gateway.dns.nameservers.iter().enumerate() {
+                let addr = s.parse().map_err(|_| {
+                    ConfigError::new(
+                        "gateway",
+                        format!("dns.nameservers[{i}]"),
+                        "must be ip:port",
+                    )
+                })?;
+                servers.push(addr);
+            }
+            let dns = Dns::new(&servers)
+                .map_err(|e| ConfigError::new("gateway", "dns", e.to_string()))?;
+            // A changed answer reloads, once the gateway serves.
+            dns.on_change(|| {
+                if let Some(r) = RELOADER.get().and_then(std::sync::Weak::upgrade) {
+                    std::thread::spawn(move || r.reload(DNS_CHANGED));
+                }
+            });
+            DNS.get_or_init(|| dns)
+        }
+    };
+    let names: Vec<String> = upstreams
+        .iter()
+        .filter_map(|u| u.service_name.clone())
+        .collect();
+    dns.watch(&names, std::time::Duration::from_secs(5));
+    for u in upstreams {
+        let found = u
+            .service_name
+            .as_deref()
+            .and_then(|s| dns.nodes(s))
+            .unwrap_or_default();
+        let nodes = found
+            .into_iter()
+            .map(|n| turnpike_config::model::Node {
+                host: n.host,
+                port: Some(n.port),
+                weight: n.weight,
+                priority: 0,
+                metadata: None,
+            })
+            .collect();
+        u.nodes = Some(turnpike_config::model::Nodes::List(nodes));
+    }
+    Ok(())
 }
 
 /// Node settings this build cannot honour are refused, not ignored.
@@ -244,6 +324,7 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
         last: Mutex::new(std::fs::read_to_string(path).ok()),
         runtime,
     });
+    let _ = RELOADER.set(Arc::downgrade(&reloader));
     let on_change = reloader.clone();
     let _watch =
         turnpike_config::watch_file(path, move || on_change.reload("the config file changed"))
@@ -293,7 +374,8 @@ impl Reloader {
         // whole or not at all.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let text = std::fs::read_to_string(&self.path).ok();
-        if why != "SIGHUP" && text.is_some() && *last == text {
+        let forced = why == "SIGHUP" || why == DNS_CHANGED;
+        if !forced && text.is_some() && *last == text {
             return;
         }
         *last = text;
@@ -341,4 +423,5 @@ fn settings_changed(a: &Gateway, b: &Gateway) -> bool {
         || a.log_level != b.log_level
         || a.admin.as_ref().map(|x| (&x.listen, &x.key))
             != b.admin.as_ref().map(|x| (&x.listen, &x.key))
+        || a.dns != b.dns
 }

@@ -314,3 +314,61 @@ async fn retry_on_statuses_sends_gets_to_the_next_node() {
     }
     assert!(posts.contains(&503), "a POST is not sent twice: {posts:?}");
 }
+
+fn srv(port: u16) -> Vec<String> {
+    vec![
+        format!("--srv-host=_web._tcp.api.test,node.api.test,{port},0,1"),
+        "--host-record=node.api.test,127.0.0.1".into(),
+    ]
+}
+
+async fn served_by(gw: &Gateway, path: &str) -> String {
+    let r = get(&gw.url(path)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+#[tokio::test]
+async fn dns_discovery_follows_the_records_and_keeps_the_last_answer() {
+    let (a, b) = (Node::start("a").await, Node::start("b").await);
+    let mut dns = crate::services::Dnsmasq::start(&srv(a.port));
+    let (port, status_port) = (free_port(), free_port());
+    let gw = Gateway::start_raw(
+        &format!(
+            "{}  dns: {{nameservers: [\"127.0.0.1:{}\"]}}\nroutes:\n\
+             \x20 - {{id: srv, uri: /srv, upstream: {{discovery_type: dns, service_name: _web._tcp.api.test}}}}\n\
+             \x20 - {{id: a, uri: /a, upstream: {{discovery_type: dns, service_name: \"node.api.test:{}\"}}}}\n",
+            settings(port, status_port),
+            dns.port,
+            a.port
+        ),
+        port,
+        status_port,
+    )
+    .await;
+    assert_eq!(served_by(&gw, "/srv").await, "a", "SRV: target and port");
+    assert_eq!(
+        served_by(&gw, "/a").await,
+        "a",
+        "A record with the given port"
+    );
+
+    dns.restart(&srv(b.port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_by(&gw, "/srv").await != "b" {
+        assert!(
+            Instant::now() < deadline,
+            "the new SRV answer never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.wait_log("a DNS answer changed", 1).await;
+
+    dns.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        served_by(&gw, "/srv").await,
+        "b",
+        "DNS down: the last answer stays"
+    );
+}

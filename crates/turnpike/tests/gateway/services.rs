@@ -79,3 +79,65 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// A `dnsmasq` answering only the records given, with a 1 s TTL.
+pub struct Dnsmasq {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Dnsmasq {
+    /// `records` are dnsmasq options: `--host-record=…`, `--srv-host=…`.
+    pub fn start(records: &[String]) -> Dnsmasq {
+        require("dnsmasq", "dnsmasq-base");
+        let port = loop {
+            // dnsmasq answers on UDP and TCP: a port free for both.
+            let p = free_port();
+            if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
+        let mut d = Dnsmasq { port, child: None };
+        d.restart(records);
+        d
+    }
+
+    /// Starts again on the same port with other records.
+    pub fn restart(&mut self, records: &[String]) {
+        self.stop();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args([
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--pid-file=",
+                "--local-ttl=1",
+            ])
+            .arg(format!("--port={}", self.port))
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq starts");
+        self.child = Some(child);
+        wait_listening(self.port, "dnsmasq");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
