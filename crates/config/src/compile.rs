@@ -711,7 +711,7 @@ impl Compiler<'_> {
             return None;
         }
         let mut nodes = nodes;
-        let nodes_len = nodes.len();
+        let health = checks.map(|c| Arc::new(self.health(&key, c, &nodes)));
         let up = Arc::new(Upstream {
             key: key.clone(),
             groups: Upstream::groups(kind?, &mut nodes),
@@ -725,11 +725,30 @@ impl Compiler<'_> {
             scheme,
             tls_verify,
             keepalive,
-            health: checks.map(|c| Arc::new(Health::new(c, nodes_len))),
+            health,
             source: u.clone(),
         });
         self.upstreams.insert(key, up.clone());
         Some(up)
+    }
+
+    /// The health state of a new or changed upstream: nodes it had before
+    /// (by address) keep their state when the checks are the same, so a
+    /// changed node list (a DNS answer, an edit) does not send traffic to
+    /// nodes known to be down.
+    fn health(&self, key: &str, checks: Checks, nodes: &[Node]) -> Health {
+        let health = Health::new(checks, nodes.len());
+        let previous = self.previous.and_then(|p| p.upstreams.get(key));
+        if let Some((prev, old)) = previous.and_then(|p| Some((p, p.health.as_ref()?))) {
+            if old.checks == health.checks {
+                for (i, n) in nodes.iter().enumerate() {
+                    if let Some(j) = prev.nodes.iter().position(|o| o.addr == n.addr) {
+                        health.inherit(i, old, j);
+                    }
+                }
+            }
+        }
+        health
     }
 
     /// Reads `checks` (APISIX's fields), refusing what this build cannot

@@ -137,18 +137,21 @@ impl Upstream {
             return self.pick_among(hash_key, |i| tried.contains(&i));
         };
         let healthy = self.pick_among(hash_key, |i| tried.contains(&i) || !health.is_healthy(i));
-        healthy.or_else(|| {
-            // Every node left is down: try them anyway, as APISIX does; a
-            // node marked down may have come back.
-            let any = self.pick_among(hash_key, |i| tried.contains(&i));
-            if any.is_some() && tried.is_empty() && health.log_all_down() {
-                tracing::warn!(
-                    "upstream {}: every node is unhealthy; trying one anyway",
-                    self.key
-                );
-            }
-            any
-        })
+        if healthy.is_some() || (0..self.nodes.len()).any(|i| health.is_healthy(i)) {
+            // Some node is healthy: never a node known to be down, which
+            // would cost a failed connection or a timeout.
+            return healthy;
+        }
+        // Every node is down: try them anyway, as APISIX does; a node
+        // marked down may have come back.
+        let any = self.pick_among(hash_key, |i| tried.contains(&i));
+        if any.is_some() && tried.is_empty() && health.log_all_down() {
+            tracing::warn!(
+                "upstream {}: every node is unhealthy; trying one anyway",
+                self.key
+            );
+        }
+        any
     }
 
     fn pick_among(&self, hash_key: Option<&[u8]>, skip: impl Fn(usize) -> bool) -> Option<usize> {

@@ -23,6 +23,7 @@ pub struct DnsNode {
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    pub priority: i32,
 }
 
 /// The names being watched and their last answers.
@@ -104,28 +105,54 @@ impl Dns {
 
     /// Resolves `service`: its nodes and how long the answer holds.
     async fn resolve(&self, service: &str) -> Result<(Vec<DnsNode>, Duration), String> {
-        let now = std::time::Instant::now();
-        if let Some((host, port)) = service
+        let port = service
             .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        {
-            let ips = self
-                .resolver
-                .lookup_ip(host)
-                .await
-                .map_err(|e| e.to_string())?;
-            let ttl = ips.valid_until().saturating_duration_since(now);
-            let mut nodes: Vec<DnsNode> = ips
-                .iter()
-                .map(|ip| DnsNode {
-                    host: ip.to_string(),
-                    port,
-                    weight: 1,
-                })
-                .collect();
-            nodes.sort();
-            return Ok((nodes, ttl));
-        }
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)));
+        let mut answer = match port {
+            Some((host, port)) => self.addresses(host, port, 1, 0).await?,
+            // As APISIX: SRV first, then A/AAAA on port 80.
+            None => match self.srv(service).await {
+                Ok(found) if !found.0.is_empty() => found,
+                _ => self.addresses(service, 80, 1, 0).await?,
+            },
+        };
+        answer.0.sort();
+        Ok(answer)
+    }
+
+    /// A/AAAA: one node per address, sharing `weight`.
+    async fn addresses(
+        &self,
+        host: &str,
+        port: u16,
+        weight: u32,
+        priority: i32,
+    ) -> Result<(Vec<DnsNode>, Duration), String> {
+        let now = std::time::Instant::now();
+        let ips = self
+            .resolver
+            .lookup_ip(host)
+            .await
+            .map_err(|e| format!("{host}: {e}"))?;
+        let ttl = ips.valid_until().saturating_duration_since(now);
+        let count = ips.iter().count().max(1) as u32;
+        let nodes = ips
+            .iter()
+            .map(|ip| DnsNode {
+                host: ip.to_string(),
+                port,
+                // A target's weight is split among its addresses, as APISIX does.
+                weight: (weight / count).max(1),
+                priority,
+            })
+            .collect();
+        Ok((nodes, ttl))
+    }
+
+    /// SRV: each target's addresses, with the record's port, weight and
+    /// priority (a lower SRV priority is a higher node priority).
+    async fn srv(&self, service: &str) -> Result<(Vec<DnsNode>, Duration), String> {
+        let now = std::time::Instant::now();
         let srv = self
             .resolver
             .srv_lookup(service)
@@ -135,21 +162,14 @@ impl Dns {
         let mut nodes = Vec::new();
         for record in srv.iter() {
             let target = record.target().to_utf8();
-            let ips = self
-                .resolver
-                .lookup_ip(target.as_str())
-                .await
-                .map_err(|e| format!("{target}: {e}"))?;
-            ttl = ttl.min(ips.valid_until().saturating_duration_since(now));
-            for ip in ips.iter() {
-                nodes.push(DnsNode {
-                    host: ip.to_string(),
-                    port: record.port(),
-                    weight: u32::from(record.weight().max(1)),
-                });
-            }
+            let weight = u32::from(record.weight().max(1));
+            let priority = -i32::from(record.priority());
+            let (found, t) = self
+                .addresses(&target, record.port(), weight, priority)
+                .await?;
+            ttl = ttl.min(t);
+            nodes.extend(found);
         }
-        nodes.sort();
         Ok((nodes, ttl))
     }
 }

@@ -18,6 +18,9 @@ pub(crate) enum Failure {
     NoRoute,
     /// The client stopped sending its request body.
     ClientTimeout,
+    /// The client's request body broke off (the client went away or sent
+    /// a malformed body) while it was being sent upstream.
+    ClientAborted,
     /// A request body a plugin must read is larger than it may hold.
     TooLarge,
     /// The upstream failed or answered something that is not HTTP.
@@ -34,6 +37,7 @@ impl Failure {
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Failure::ClientAborted => StatusCode::BAD_REQUEST,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::BadGateway => StatusCode::BAD_GATEWAY,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -46,6 +50,7 @@ impl Failure {
             Failure::BadRequest => "400 Bad Request",
             Failure::NoRoute => "404 Route Not Found",
             Failure::ClientTimeout => "408 Request Time-out",
+            Failure::ClientAborted => "400 Bad Request",
             Failure::TooLarge => "413 Request Entity Too Large",
             Failure::BadGateway => "502 Bad Gateway",
             Failure::Unavailable => "503 Service Temporarily Unavailable",

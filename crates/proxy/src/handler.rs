@@ -184,6 +184,8 @@ pub(crate) async fn forward(
     let mut tried = [0usize; MAX_TRIED];
     let mut attempts = 0;
     let mut last = Failure::Unavailable;
+    // An answer in `retry_on_statuses`, kept while another node is tried.
+    let mut kept: Option<Response<ProxyBody>> = None;
     while attempts < upstream.max_attempts().min(MAX_TRIED)
         && deadline.is_none_or(|d| Instant::now() < d)
     {
@@ -234,7 +236,8 @@ pub(crate) async fn forward(
                     if let Some(headers) = headers.take() {
                         tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "upstream answered {status}; trying another node");
                         ctx.req.headers = headers;
-                        last = Failure::BadGateway;
+                        // Passed on if no other node can be tried.
+                        kept = Some(resp);
                         continue;
                     }
                 }
@@ -269,11 +272,12 @@ pub(crate) async fn forward(
             }
             Err(Attempt::Failed(failure, reason)) => {
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
-                let outcome = match failure {
-                    Failure::Timeout => Outcome::Timeout,
-                    _ => Outcome::TcpFailure,
-                };
-                health::observed(upstream, node, outcome);
+                // Only the node's own failures count against it.
+                match failure {
+                    Failure::Timeout => health::observed(upstream, node, Outcome::Timeout),
+                    Failure::BadGateway => health::observed(upstream, node, Outcome::TcpFailure),
+                    _ => {}
+                }
                 if failure == Failure::BadGateway && replayable {
                     if let Some(headers) = copy {
                         ctx.req.headers = headers;
@@ -288,6 +292,12 @@ pub(crate) async fn forward(
                 return failure.respond(&ctx.request_id);
             }
         }
+    }
+    if let Some(resp) = kept {
+        if for_plugins {
+            ctx.upstream_status = Some(resp.status());
+        }
+        return resp;
     }
     if attempts == 0 {
         tracing::warn!(request_id = ?ctx.request_id, route = %route.id, "no node available in upstream {}", upstream.key);
@@ -564,6 +574,9 @@ fn finish(
         Err(SendError::Failed(e)) => {
             let failure = if client_stalled(&e) {
                 Failure::ClientTimeout
+            } else if e.is_user() {
+                // The client's body stream failed, not the node.
+                Failure::ClientAborted
             } else if is_timeout(&e) {
                 Failure::Timeout
             } else {

@@ -62,9 +62,16 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let revision = shared.snapshot.load().revision;
     match req.uri().path() {
         "/metrics" | "/apisix/prometheus/metrics" => {
-            crate::metrics::gateway().revision.set(revision as i64);
-            upstream_status(shared);
-            let mut resp = Response::new(Full::new(Bytes::from(metrics::render())));
+            // One scrape at a time: `upstream_status` is reset and filled
+            // again, and a concurrent scrape must not render in between.
+            static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let text = {
+                let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
+                crate::metrics::gateway().revision.set(revision as i64);
+                upstream_status(shared);
+                metrics::render()
+            };
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),

@@ -183,7 +183,7 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
                 host: n.host,
                 port: Some(n.port),
                 weight: n.weight,
-                priority: 0,
+                priority: n.priority,
                 metadata: None,
             })
             .collect();

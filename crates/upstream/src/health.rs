@@ -215,6 +215,25 @@ impl Health {
         }
     }
 
+    /// Takes node `j`'s state in `old` as node `i`'s.
+    pub fn inherit(&self, i: usize, old: &Health, j: usize) {
+        let (Some(n), Some(o)) = (self.nodes.get(i), old.nodes.get(j)) else {
+            return;
+        };
+        if o.down.load(Ordering::Acquire) {
+            let reason = o.reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            self.set(i, false, &reason);
+        }
+        for (mine, theirs) in [
+            (&n.successes, &o.successes),
+            (&n.http_failures, &o.http_failures),
+            (&n.tcp_failures, &o.tcp_failures),
+            (&n.timeouts, &o.timeouts),
+        ] {
+            mine.store(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Whether to log now that every node is down: at most every 10 s.
     pub fn log_all_down(&self) -> bool {
         let now = self.now_ms() + 10_000;
@@ -267,18 +286,22 @@ impl Health {
         let rules = self.rules(source)?;
         let n = self.nodes.get(i)?;
         let down = n.down.load(Ordering::Acquire);
-        let bump = |counter: &AtomicU32, others: [&AtomicU32; 3]| {
-            for o in others {
-                o.store(0, Ordering::Relaxed);
+        // As lua-resty-healthcheck: a success clears every failure count;
+        // a failure clears only the successes, so failures of different
+        // kinds add up towards their own thresholds.
+        let success = || {
+            for c in [&n.http_failures, &n.tcp_failures, &n.timeouts] {
+                c.store(0, Ordering::Relaxed);
             }
+            n.successes.fetch_add(1, Ordering::AcqRel) + 1
+        };
+        let failure = |counter: &AtomicU32| {
+            n.successes.store(0, Ordering::Relaxed);
             counter.fetch_add(1, Ordering::AcqRel) + 1
         };
         let (count, threshold, goes_down, what) = match outcome {
-            Outcome::Status(s) if rules.healthy.contains(&s) => {
-                let c = bump(
-                    &n.successes,
-                    [&n.http_failures, &n.tcp_failures, &n.timeouts],
-                );
+            Outcome::Status(s) if !rules.tcp_only && rules.healthy.contains(&s) => {
+                let c = success();
                 (
                     c,
                     rules.successes,
@@ -287,10 +310,7 @@ impl Health {
                 )
             }
             Outcome::Connected => {
-                let c = bump(
-                    &n.successes,
-                    [&n.http_failures, &n.tcp_failures, &n.timeouts],
-                );
+                let c = success();
                 (
                     c,
                     rules.successes,
@@ -298,37 +318,21 @@ impl Health {
                     format!("{c} connections in a row"),
                 )
             }
-            Outcome::Status(s) if rules.unhealthy.contains(&s) => {
-                let c = bump(
-                    &n.http_failures,
-                    [&n.successes, &n.tcp_failures, &n.timeouts],
-                );
-                (
-                    c,
-                    rules.http_failures,
-                    true,
-                    format!("{c} answers {s} in a row"),
-                )
+            Outcome::Status(s) if !rules.tcp_only && rules.unhealthy.contains(&s) => {
+                let c = failure(&n.http_failures);
+                let what = format!("{c} answers {s} since the last success");
+                (c, rules.http_failures, true, what)
             }
             Outcome::Status(_) => return None,
             Outcome::TcpFailure => {
-                let c = bump(
-                    &n.tcp_failures,
-                    [&n.successes, &n.http_failures, &n.timeouts],
-                );
-                (
-                    c,
-                    rules.tcp_failures,
-                    true,
-                    format!("{c} connection failures in a row"),
-                )
+                let c = failure(&n.tcp_failures);
+                let what = format!("{c} connection failures since the last success");
+                (c, rules.tcp_failures, true, what)
             }
             Outcome::Timeout => {
-                let c = bump(
-                    &n.timeouts,
-                    [&n.successes, &n.http_failures, &n.tcp_failures],
-                );
-                (c, rules.timeouts, true, format!("{c} timeouts in a row"))
+                let c = failure(&n.timeouts);
+                let what = format!("{c} timeouts since the last success");
+                (c, rules.timeouts, true, what)
             }
         };
         if goes_down == down || threshold == 0 || count < threshold {
@@ -361,6 +365,7 @@ impl Health {
             Source::Active => {
                 let a = self.checks.active.as_ref()?;
                 Rules {
+                    tcp_only: a.kind == "tcp",
                     healthy: &a.healthy.http_statuses,
                     successes: a.healthy.successes,
                     unhealthy: &a.unhealthy.http_statuses,
@@ -372,6 +377,7 @@ impl Health {
             Source::Passive => {
                 let p = self.checks.passive.as_ref()?;
                 Rules {
+                    tcp_only: p.kind == "tcp",
                     healthy: &p.healthy.http_statuses,
                     successes: p.healthy.successes,
                     unhealthy: &p.unhealthy.http_statuses,
@@ -385,6 +391,8 @@ impl Health {
 }
 
 struct Rules<'a> {
+    /// `type: tcp`: statuses count for nothing.
+    tcp_only: bool,
     healthy: &'a [u16],
     successes: u32,
     unhealthy: &'a [u16],
@@ -428,17 +436,22 @@ mod tests {
     }
 
     #[test]
-    fn a_success_breaks_a_run_of_failures() {
+    fn a_success_breaks_a_run_of_failures_and_failures_of_kinds_add_up() {
         let h = active();
         h.report(0, Source::Active, Outcome::Timeout);
         h.report(0, Source::Active, Outcome::Timeout);
         h.report(0, Source::Active, Outcome::Status(200));
         h.report(0, Source::Active, Outcome::Timeout);
-        assert!(h.is_healthy(0), "never 3 timeouts in a row");
+        assert!(h.is_healthy(0), "the success cleared the timeouts");
         h.report(0, Source::Active, Outcome::Status(418));
+        h.report(0, Source::Active, Outcome::TcpFailure);
         h.report(0, Source::Active, Outcome::Timeout);
+        assert!(h.is_healthy(0), "2 timeouts of 3");
         h.report(0, Source::Active, Outcome::Timeout);
-        assert!(!h.is_healthy(0), "an unlisted status counts neither way");
+        assert!(
+            !h.is_healthy(0),
+            "a connection failure between them does not clear timeouts; 418 counts neither way"
+        );
     }
 
     #[test]

@@ -288,11 +288,19 @@ async fn retry_on_statuses_sends_gets_to_the_next_node() {
     let gw = Gateway::start(&format!(
         "upstreams:\n  - {{id: u, retry_on_statuses: [503], nodes: {{\"{busy}\": 1, \"{}\": 1}}}}\n\
          \x20 - {{id: plain, nodes: {{\"{busy}\": 1, \"{}\": 1}}}}\n\
-         routes:\n  - {{id: r, uri: /r, upstream_id: u}}\n  - {{id: p, uri: /p, upstream_id: plain}}\n",
+         \x20 - {{id: solo, retry_on_statuses: [503], retries: 2, nodes: {{\"{busy}\": 1}}}}\n\
+         routes:\n  - {{id: r, uri: /r, upstream_id: u}}\n  - {{id: p, uri: /p, upstream_id: plain}}\n\
+         \x20 - {{id: s, uri: /s, upstream_id: solo}}\n",
         good.addr(),
         good.addr()
     ))
     .await;
+    let solo = get(&gw.url("/s")).await.unwrap();
+    assert_eq!(
+        (solo.status, solo.body.as_str()),
+        (503, "busy"),
+        "no other node: the answer itself is passed on"
+    );
     for _ in 0..4 {
         assert_eq!(get(&gw.url("/r")).await.unwrap().status, 200);
     }
