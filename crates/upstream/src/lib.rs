@@ -3,9 +3,12 @@
 //!
 //! A [`Balancer`] is built once per upstream config and shared by every
 //! worker; its state is atomics, so picking never takes a lock. The proxy asks
-//! for a node with [`Balancer::pick`], skipping nodes it already tried (or,
-//! later, nodes known to be down), and reports each attempt's start and end so
-//! `least_conn` and `ewma` see the load.
+//! for a node with [`Balancer::pick`], skipping nodes it already tried and
+//! nodes [`Health`] knows to be down, and reports each attempt's start and end
+//! so `least_conn` and `ewma` see the load.
+//!
+//! [`health`] holds APISIX's `checks` and the per-node state they keep; the
+//! proxy does the probing and reports what it and real traffic found.
 //!
 //! ```
 //! use turnpike_upstream::{Balancer, Kind};
