@@ -213,11 +213,12 @@ pub(crate) async fn forward(
             && client_upgrade.is_none()
             && is_idempotent(&ctx.req.method)
             && attempts < upstream.max_attempts().min(MAX_TRIED);
-        // The response phases read the request's headers: the own client
-        // hands them back, the others need a copy.
-        let copy = ((for_plugins && !goes_inline(&target, &client_upgrade, sent.as_ref()))
-            || replayable)
-            .then(|| req.headers().clone());
+        // The response phases, and a replayed request, need the request's
+        // headers back: our own client hands them back, the others need a
+        // copy.
+        let copy = ((for_plugins || replayable)
+            && !goes_inline(&target, &client_upgrade, sent.as_ref()))
+        .then(|| req.headers().clone());
         let result = exchange(
             &target,
             req,
@@ -269,6 +270,19 @@ pub(crate) async fn forward(
                 let (back, returned) = (*req).into_parts();
                 ctx.req.headers = back.headers;
                 body = Some(returned);
+            }
+            Err(Attempt::Broken(reason, req)) => {
+                tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
+                health::observed(upstream, node, Outcome::TcpFailure);
+                ctx.req.headers = (*req).into_parts().0.headers;
+                if replayable {
+                    last = Failure::BadGateway;
+                    continue;
+                }
+                if for_plugins {
+                    ctx.upstream_status = Some(Failure::BadGateway.status());
+                }
+                return Failure::BadGateway.respond(&ctx.request_id);
             }
             Err(Attempt::Failed(failure, reason)) => {
                 tracing::warn!(request_id = ?ctx.request_id, route = %route.id, node = %upstream.nodes[node].addr, "{reason}");
@@ -514,6 +528,10 @@ pub(crate) enum Attempt {
     Connect(ConnectError, Box<Request<ProxyBody>>),
     /// The request went out and failed: not retried (its body is gone).
     Failed(Failure, String),
+    /// The connection broke after a bodyless request went out, before any
+    /// answer; the request comes back (our HTTP/1.1 client only borrows
+    /// it), for an idempotent one to go to another node.
+    Broken(String, Box<Request<ProxyBody>>),
 }
 
 async fn send(
@@ -669,7 +687,7 @@ async fn send_inline(
         Err(e @ crate::h1::Error::Timeout(_)) => {
             Err(Attempt::Failed(Failure::Timeout, e.to_string()))
         }
-        Err(e) => Err(Attempt::Failed(Failure::BadGateway, e.to_string())),
+        Err(e) => Err(Attempt::Broken(e.to_string(), Box::new(req))),
     }
 }
 
