@@ -75,12 +75,14 @@ impl Dns {
         self.answers().get(service).cloned().flatten()
     }
 
-    /// Starts watching the names not watched yet, and waits up to `wait`
-    /// for their first answers (so a gateway starts with its nodes).
+    /// Watches exactly `services`: starts watching the names not watched
+    /// yet (waiting up to `wait` for their first answers, so a gateway
+    /// starts with its nodes) and stops watching the others.
     pub fn watch(self: &Arc<Self>, services: &[String], wait: Duration) {
         let mut new = Vec::new();
         {
             let mut answers = self.answers();
+            answers.retain(|name, _| services.contains(name));
             for s in services {
                 if !answers.contains_key(s) {
                     answers.insert(s.clone(), None);
@@ -195,12 +197,22 @@ async fn watch(dns: Weak<Dns>, service: String) {
         let Some(d) = dns.upgrade() else {
             return;
         };
+        if !d.answers().contains_key(&service) {
+            // No longer in the configuration.
+            return;
+        }
         let wait = match d.resolve(&service).await {
             Ok((nodes, ttl)) => {
                 let changed = {
                     let mut answers = d.answers();
-                    let old = answers.insert(service.clone(), Some(nodes.clone()));
-                    old.flatten().as_ref() != Some(&nodes)
+                    match answers.get_mut(&service) {
+                        Some(held) => {
+                            let old = held.replace(nodes.clone());
+                            old.as_ref() != Some(&nodes)
+                        }
+                        // Dropped from the configuration while resolving.
+                        None => return,
+                    }
                 };
                 if changed {
                     tracing::info!(service, nodes = nodes.len(), "DNS answer changed");

@@ -139,6 +139,10 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
         .filter(|u| u.discovery_type.as_deref() == Some("dns"));
     let upstreams: Vec<&mut turnpike_config::model::Upstream> = upstreams.collect();
     if upstreams.is_empty() {
+        if let Some(dns) = DNS.get() {
+            // No name is wanted any more: their watchers stop.
+            dns.watch(&[], std::time::Duration::ZERO);
+        }
         return Ok(());
     }
     let dns = match DNS.get() {

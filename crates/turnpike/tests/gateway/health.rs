@@ -379,4 +379,21 @@ async fn dns_discovery_follows_the_records_and_keeps_the_last_answer() {
         "b",
         "DNS down: the last answer stays"
     );
+
+    // Names gone from the configuration are no longer watched.
+    let reloads = gw.log_text().matches("configuration reloaded").count();
+    gw.rewrite(&format!(
+        "  dns: {{nameservers: [\"127.0.0.1:{}\"]}}\n{}",
+        dns.port,
+        one_route(&a.addr())
+    ));
+    gw.wait_log("configuration reloaded", reloads + 1).await;
+    let changes = gw.log_text().matches("DNS answer changed").count();
+    dns.restart(&srv(a.port));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        gw.log_text().matches("DNS answer changed").count(),
+        changes,
+        "a dropped name is not resolved any more"
+    );
 }
