@@ -26,7 +26,6 @@ use turnpike_plugin::{
 };
 
 use crate::headers::HeaderOps;
-use crate::limits;
 use crate::response_store::{self, Store, Stored};
 
 pub(crate) const NAME: &str = "api-breaker";
@@ -188,7 +187,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 fn breaker(config: Value, env: &Env) -> Result<ApiBreaker, FieldError> {
-    let scope = limits::scope(NAME, env, None, &config);
+    let scope = crate::state_key(NAME, env, None, &config);
     let c: Config = typed(config)?;
     let status = StatusCode::from_u16(c.break_response_code)
         .map_err(|e| FieldError::new("break_response_code", e.to_string()))?;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use turnpike_plugin::{typed, Env, Factory, FieldError, Plugin};
 
-use crate::logger::{self, Batcher, Format, LogConfig, Logger, Sink};
+use crate::logger::{self, LogConfig, Logger, Sink};
 
 pub(crate) const NAME: &str = "file-logger";
 pub(crate) const PRIORITY: i32 = 399;
@@ -66,17 +66,11 @@ impl Sink for File {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = crate::limits::scope(NAME, env, None, &config);
-    let c: Config = typed(config)?;
+    let c: Config = typed(config.clone())?;
     if c.path.is_dir() {
         return Err(FieldError::new("path", "is a directory"));
     }
-    let format = Format::new(&c.log)?;
-    let batch = c.log.batch.clone();
-    let batcher = env.state(&scope, || {
-        Batcher::new(NAME, batch, Arc::new(File(c.path.clone())))
-    });
-    Ok(Arc::new(Logger { format, batcher }))
+    Logger::build(NAME, env, &config, &c.log, File(c.path.clone()))
 }
 
 pub(crate) fn factory() -> Factory {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use turnpike_plugin::{typed, Env, Factory, FieldError, Plugin};
 
-use crate::logger::{self, Batcher, Format, LogConfig, Logger, Sink};
+use crate::logger::{self, LogConfig, Logger, Sink};
 
 pub(crate) const NAME: &str = "http-logger";
 pub(crate) const PRIORITY: i32 = 410;
@@ -100,8 +100,7 @@ impl Sink for Collector {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = crate::limits::scope(NAME, env, None, &config);
-    let c: Config = typed(config)?;
+    let c: Config = typed(config.clone())?;
     let uri: Uri = c
         .uri
         .parse()
@@ -120,10 +119,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         json: c.concat_method == "json",
         client: Client::builder(TokioExecutor::new()).build_http(),
     };
-    let format = Format::new(&c.log)?;
-    let batch = c.log.batch.clone();
-    let batcher = env.state(&scope, || Batcher::new(NAME, batch, Arc::new(collector)));
-    Ok(Arc::new(Logger { format, batcher }))
+    Logger::build(NAME, env, &config, &c.log, collector)
 }
 
 pub(crate) fn factory() -> Factory {

@@ -76,6 +76,33 @@ pub fn registry() -> Arc<Registry> {
     Arc::new(Registry::new(factories()))
 }
 
+/// The key a plugin's state goes by, in [`turnpike_plugin::Env::state`]
+/// and in Redis: the plugin, and `group` when set (resources sharing a
+/// group share state), else the resource and a hash of the config, so
+/// state survives reloads that do not change the config and starts afresh
+/// when it changes. Two gateways with the same config agree on it.
+pub(crate) fn state_key(
+    plugin: &str,
+    env: &turnpike_plugin::Env,
+    group: Option<&str>,
+    config: &serde_json::Value,
+) -> String {
+    let digest = config_digest(config);
+    match group {
+        Some(g) => format!("{plugin}:group:{g}:{digest:08x}"),
+        None => format!("{plugin}:{}:{digest:08x}", env.owner()),
+    }
+}
+
+/// A hash of a plugin's config, `_meta` left out.
+pub(crate) fn config_digest(config: &serde_json::Value) -> u32 {
+    let mut config = config.clone();
+    if let serde_json::Value::Object(map) = &mut config {
+        map.remove("_meta");
+    }
+    crc32fast::hash(config.to_string().as_bytes())
+}
+
 /// Compares secrets in time that does not depend on where they differ.
 pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

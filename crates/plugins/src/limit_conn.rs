@@ -117,7 +117,7 @@ impl Drop for Slot {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = limits::scope(NAME, env, None, &config);
+    let scope = crate::state_key(NAME, env, None, &config);
     let c: Config = typed(config)?;
     let store = match c.common.store(env, &scope, ENTER)? {
         Store::Local(table) => Counts::Local(table),

@@ -89,7 +89,7 @@ struct Window {
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let group = config["group"].as_str();
     if let Some(g) = group {
-        let digest = u64::from(limits::digest(&config));
+        let digest = u64::from(crate::config_digest(&config));
         if !env.agree(&format!("{NAME}:group:{g}"), digest) {
             return Err(FieldError::new(
                 "group",
@@ -97,7 +97,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
             ));
         }
     }
-    let scope = limits::scope(NAME, env, group, &config);
+    let scope = crate::state_key(NAME, env, group, &config);
     let grouped = group.is_some();
     let c: Config = typed(config)?;
     Ok(Arc::new(LimitCount {

@@ -85,7 +85,7 @@ struct Level {
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = limits::scope(NAME, env, None, &config);
+    let scope = crate::state_key(NAME, env, None, &config);
     let c: Config = typed(config)?;
     Ok(Arc::new(LimitReq {
         key: c.common.key(env)?,

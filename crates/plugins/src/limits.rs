@@ -276,28 +276,6 @@ impl Remote {
     }
 }
 
-/// The name a limiter's counters go by, in Redis and in [`Env::state`]:
-/// the plugin, and `group` when set (routes sharing a group share
-/// counters), else the resource and a hash of the config (so counters
-/// survive reloads that do not change the config, and start afresh when
-/// it changes). Two gateways with the same config agree on it.
-pub(crate) fn scope(plugin: &str, env: &Env, group: Option<&str>, config: &Value) -> String {
-    let digest = digest(config);
-    match group {
-        Some(g) => format!("{plugin}:group:{g}:{digest:08x}"),
-        None => format!("{plugin}:{}:{digest:08x}", env.owner()),
-    }
-}
-
-/// A hash of a plugin's config, `_meta` left out.
-pub(crate) fn digest(config: &Value) -> u32 {
-    let mut config = config.clone();
-    if let Value::Object(map) = &mut config {
-        map.remove("_meta");
-    }
-    crc32fast::hash(config.to_string().as_bytes())
-}
-
 /// Counters by key, local to this process, split in shards so that
 /// requests with different keys seldom wait for one another. Entries a
 /// limiter calls stale are swept out as a shard grows.

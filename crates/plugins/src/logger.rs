@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use turnpike_plugin::metrics::{register, IntCounterVec, Opts};
-use turnpike_plugin::{Ctx, FieldError, Flow, Head, Plugin, Template};
+use turnpike_plugin::{Ctx, Env, FieldError, Flow, Head, Plugin, Template};
 use turnpike_router::{Expr, VarSource};
 
 /// Schema properties every logger has: format, bodies, batching.
@@ -282,7 +282,7 @@ fn entry(ctx: &Ctx, req_body: Option<String>, resp_body: Option<String>) -> Entr
         upstream_latency: upstream.map(ms),
         apisix_latency: ms(latency.saturating_sub(upstream.unwrap_or_default())),
         server: Server {
-            hostname: hostname(),
+            hostname: turnpike_plugin::metrics::hostname(),
             version: env!("CARGO_PKG_VERSION"),
         },
     }
@@ -290,15 +290,6 @@ fn entry(ctx: &Ctx, req_body: Option<String>, resp_body: Option<String>) -> Entr
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
-fn hostname() -> &'static str {
-    static NAME: OnceLock<String> = OnceLock::new();
-    NAME.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default()
-    })
 }
 
 /// Headers as a JSON object, values as text; a repeated header's values
@@ -355,8 +346,27 @@ impl Serialize for Pairs<'_> {
 /// A logger plugin: keeps what the entry needs as the request goes, and
 /// queues the entry in `log`.
 pub(crate) struct Logger {
-    pub format: Format,
-    pub batcher: Arc<Batcher>,
+    format: Format,
+    batcher: Arc<Batcher>,
+}
+
+impl Logger {
+    /// `plugin`'s logger for `config` (the plugin's whole config, for the
+    /// state key), sending to `sink`: the queue and its sender are kept
+    /// across reloads that leave the config unchanged.
+    pub(crate) fn build(
+        plugin: &'static str,
+        env: &Env,
+        config: &Value,
+        log: &LogConfig,
+        sink: impl Sink,
+    ) -> Result<Arc<dyn Plugin>, FieldError> {
+        let format = Format::new(log)?;
+        let batch = log.batch.clone();
+        let key = crate::state_key(plugin, env, None, config);
+        let batcher = env.state(&key, || Batcher::new(plugin, batch, Arc::new(sink)));
+        Ok(Arc::new(Logger { format, batcher }))
+    }
 }
 
 impl Plugin for Logger {

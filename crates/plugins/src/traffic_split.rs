@@ -107,7 +107,7 @@ struct Rule {
 const MAX_ROUND: u64 = 10_000;
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    let scope = crate::limits::scope(NAME, env, None, &config);
+    let scope = crate::state_key(NAME, env, None, &config);
     let c: Config = typed(config)?;
     let rules = c
         .rules

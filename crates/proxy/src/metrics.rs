@@ -41,8 +41,11 @@ pub(crate) fn gateway() -> &'static Gateway {
             &["hostname", "version"],
         )
         .expect("valid metric");
-        node.with_label_values(&[&hostname(), env!("CARGO_PKG_VERSION")])
-            .set(1);
+        node.with_label_values(&[
+            turnpike_plugin::metrics::hostname(),
+            env!("CARGO_PKG_VERSION"),
+        ])
+        .set(1);
         register(node);
         let upstream_status = IntGaugeVec::new(
             Opts::new(
@@ -80,10 +83,4 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.with_label_values(&["active"]).dec();
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
 }
