@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, LAST_MODIFIED,
+    HeaderMap, HeaderName, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, LAST_MODIFIED, TE,
     TRANSFER_ENCODING, VARY,
 };
 use http::{Method, Response, StatusCode, Version};
@@ -39,7 +39,18 @@ pub(crate) async fn serve(
     // so remove, headers the plugins set.
     let upgrade =
         route.websocket && ctx.req.version == Version::HTTP_11 && wants_upgrade(&ctx.req.headers);
+    let trailers = ctx
+        .req
+        .headers
+        .get(TE)
+        .filter(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        .cloned();
     strip_hop_by_hop(&mut ctx.req.headers, upgrade);
+    // `TE: trailers` stays for the upstream's turn to decide on: gRPC needs
+    // it end to end (see `handler::upstream_headers`).
+    if let Some(te) = trailers {
+        ctx.req.headers.insert(TE, te);
+    }
     // From here on, `log` runs whatever happens, even if the client leaves.
     let mut logged = Logged::start(ctx, global.clone(), chain.clone());
     let ctx = &mut logged.ctx;

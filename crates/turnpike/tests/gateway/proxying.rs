@@ -147,10 +147,16 @@ async fn h2c_clients_are_served_and_chunked_bodies_stream() {
 async fn grpc_scheme_speaks_h2c_to_the_upstream() {
     let up = Upstream::start("h2").await;
     let gw = Gateway::start(&format!(
-        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{scheme: grpc, nodes: {{\"{}\": 1}}}}}}\n",
-        up.node()
+        "routes:\n  - {{id: 1, uri: \"/*\", upstream: {{scheme: grpc, nodes: {{\"{n}\": 1}}}}}}\n\
+         \x20 - {{id: 2, uri: \"/plugged/*\", plugins: {{request-id: {{}}}}, upstream: {{scheme: grpc, nodes: {{\"{n}\": 1}}}}}}\n",
+        n = up.node()
     ))
     .await;
+    // gRPC's `te: trailers` reaches the upstream, with plugins on the route too.
+    for path in ["/x", "/plugged/x"] {
+        let r = get_with(&gw.url(path), &[("te", "trailers")]).await;
+        assert_eq!(r.json()["headers"]["te"], "trailers", "{path}: {}", r.body);
+    }
     for _ in 0..3 {
         let r = get(&gw.url("/over-h2?x=1")).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
