@@ -62,7 +62,7 @@ pub struct Admin {
 pub struct Dns {
     /// `ip:port` of each nameserver; empty: the system's (`/etc/resolv.conf`).
     #[serde(default)]
-    pub nameservers: Vec<String>,
+    pub nameservers: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

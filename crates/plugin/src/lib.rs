@@ -47,7 +47,6 @@ pub use ctx::{host_only, Conn, Consumer, Ctx, Template};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::{fill_defaults, pointer_to_path};
-pub use state::States;
 
 /// The most a plugin may make Turnpike hold of a request or response body
 /// in memory (request-validation, body-transformer, forward-auth's POST).

@@ -206,7 +206,7 @@ impl Env {
         })
     }
 
-    /// State kept across reloads (see [`States`]): the same key gets the
+    /// State kept across reloads (see `state::States`): the same key gets the
     /// same value while a snapshot still holds it. Keys are the plugin's
     /// to choose; put the plugin's name, the owner and whatever config
     /// change should start afresh into them.

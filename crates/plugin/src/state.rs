@@ -13,7 +13,7 @@ type Held = Weak<dyn Any + Send + Sync>;
 
 /// Every plugin's state, by key, for the whole process.
 #[derive(Default)]
-pub struct States {
+pub(crate) struct States {
     by_key: Mutex<HashMap<String, Held>>,
 }
 
@@ -41,12 +41,9 @@ impl States {
     }
 
     /// How many keys are held (live or not yet pruned).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.by_key.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -191,6 +191,12 @@ fn breaker(config: Value, env: &Env) -> Result<ApiBreaker, FieldError> {
     let c: Config = typed(config)?;
     let status = StatusCode::from_u16(c.break_response_code)
         .map_err(|e| FieldError::new("break_response_code", e.to_string()))?;
+    // Checked item by item first, so an error names the array entry the
+    // user wrote, not the `set` map it becomes.
+    for (i, kv) in c.break_response_headers.iter().enumerate() {
+        crate::header_name(&kv.key, &format!("break_response_headers[{i}].key"))?;
+        crate::template(&kv.value, &format!("break_response_headers[{i}].value"))?;
+    }
     let set: serde_json::Map<String, Value> = c
         .break_response_headers
         .iter()

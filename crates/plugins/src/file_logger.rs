@@ -70,7 +70,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     if c.path.is_dir() {
         return Err(FieldError::new("path", "is a directory"));
     }
-    Logger::build(NAME, env, &config, &c.log, File(c.path.clone()))
+    Logger::build(NAME, env, &config, &c.log, || File(c.path.clone()))
 }
 
 pub(crate) fn factory() -> Factory {

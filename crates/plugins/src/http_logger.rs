@@ -112,11 +112,13 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         ),
         None => None,
     };
-    let collector = Collector {
+    let timeout = Duration::from_secs(c.timeout);
+    let json = c.concat_method == "json";
+    let collector = || Collector {
         uri,
         auth,
-        timeout: Duration::from_secs(c.timeout),
-        json: c.concat_method == "json",
+        timeout,
+        json,
         client: Client::builder(TokioExecutor::new()).build_http(),
     };
     Logger::build(NAME, env, &config, &c.log, collector)

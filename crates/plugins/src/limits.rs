@@ -1,6 +1,6 @@
 //! What the limiters (`limit-count`, `limit-req`, `limit-conn`) share: the
 //! key a request is counted under, the rejection, the local tables of
-//! counters, and the name their Redis keys and shared state go by.
+//! counters, and their scripts in Redis.
 
 use std::borrow::Cow;
 use std::collections::hash_map::{HashMap, RandomState};
@@ -131,9 +131,6 @@ impl Key {
         Ok(Key { source, per_route })
     }
 
-    /// The request's key. When the variables are all empty the client's
-    /// address stands in, as in APISIX, so a missing header does not put
-    /// every such client under one counter.
     /// One counter for every route using the config, whatever resource
     /// it is on (a `group`).
     pub(crate) fn shared(mut self) -> Key {
@@ -141,13 +138,16 @@ impl Key {
         self
     }
 
-    pub(crate) fn of<'c>(&self, ctx: &'c Ctx) -> Cow<'c, str> {
+    /// The request's key. When the variables are all empty the client's
+    /// address stands in, as in APISIX, so a missing header does not put
+    /// every such client under one counter.
+    pub(crate) fn of<'a>(&'a self, ctx: &'a Ctx) -> Cow<'a, str> {
         let key = match &self.source {
             Source::Var(var) => ctx.var(var).filter(|v| !v.is_empty()),
             Source::Combination(t) => {
                 Some(Cow::<str>::Owned(ctx.render(t))).filter(|v| !v.trim().is_empty())
             }
-            Source::Constant(k) => Some(Cow::Owned(k.to_string())),
+            Source::Constant(k) => Some(Cow::Borrowed(&**k)),
         };
         let key =
             key.unwrap_or_else(|| Cow::Borrowed(ctx.conn.remote_ip.to_str().unwrap_or_default()));

@@ -352,19 +352,20 @@ pub(crate) struct Logger {
 
 impl Logger {
     /// `plugin`'s logger for `config` (the plugin's whole config, for the
-    /// state key), sending to `sink`: the queue and its sender are kept
-    /// across reloads that leave the config unchanged.
-    pub(crate) fn build(
+    /// state key), sending to the sink `make` makes: the queue, its sender
+    /// and the sink are kept across reloads that leave the config
+    /// unchanged (and then `make` is not called).
+    pub(crate) fn build<S: Sink>(
         plugin: &'static str,
         env: &Env,
         config: &Value,
         log: &LogConfig,
-        sink: impl Sink,
+        make: impl FnOnce() -> S,
     ) -> Result<Arc<dyn Plugin>, FieldError> {
         let format = Format::new(log)?;
         let batch = log.batch.clone();
         let key = crate::state_key(plugin, env, None, config);
-        let batcher = env.state(&key, || Batcher::new(plugin, batch, Arc::new(sink)));
+        let batcher = env.state(&key, || Batcher::new(plugin, batch, Arc::new(make())));
         Ok(Arc::new(Logger { format, batcher }))
     }
 }

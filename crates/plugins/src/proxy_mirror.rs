@@ -135,11 +135,12 @@ impl Plugin for ProxyMirror {
         tokio::spawn(async move {
             let exchange = async {
                 let resp = client.request(req).await.map_err(|e| e.to_string())?;
-                // Read to the end so the connection can be reused.
-                resp.into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                // Read to the end, piece by piece and kept nowhere, so the
+                // connection can be reused.
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    frame.map_err(|e| e.to_string())?;
+                }
                 Ok::<_, String>(())
             };
             match tokio::time::timeout(MIRROR_TIMEOUT, exchange).await {

@@ -15,7 +15,7 @@ use turnpike_plugin::deps::{self, Dependency, Reachability};
 use turnpike_plugin::{Env, FieldError};
 
 /// The `redis_*` fields of a limiter's config, as APISIX names them.
-#[derive(Deserialize, Clone, Hash, PartialEq, Eq)]
+#[derive(Deserialize)]
 pub(crate) struct RedisConfig {
     pub redis_host: Option<String>,
     pub redis_port: u16,

@@ -211,7 +211,7 @@ pub(crate) async fn forward(
         // allows: it needs its headers back for that.
         let replayable = sent.is_none()
             && client_upgrade.is_none()
-            && is_idempotent(&ctx.req.method)
+            && ctx.req.method.is_idempotent()
             && attempts < upstream.max_attempts().min(MAX_TRIED);
         // The response phases, and a replayed request, need the request's
         // headers back: our own client hands them back, the others need a
@@ -320,20 +320,6 @@ pub(crate) async fn forward(
         ctx.upstream_status = Some(last.status());
     }
     last.respond(&ctx.request_id)
-}
-
-/// Methods a request may be sent again with (RFC 9110 §9.2.2).
-fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
 }
 
 /// The body to send and, when there is one, what tells that it has gone:

@@ -55,10 +55,10 @@ async fn check(upstream: Weak<Upstream>) {
         let Some(up) = upstream.upgrade() else {
             return;
         };
-        let (Some(health), Some(active)) = (
-            &up.health,
-            up.health.as_ref().and_then(|h| h.checks.active.clone()),
-        ) else {
+        let Some(health) = up.health.as_deref() else {
+            return;
+        };
+        let Some(active) = health.checks.active.as_ref() else {
             return;
         };
         last.resize(up.nodes.len(), None);
@@ -72,7 +72,7 @@ async fn check(upstream: Weak<Upstream>) {
             })
             .collect();
         for chunk in due.chunks(active.concurrency.max(1) as usize) {
-            let probes = chunk.iter().map(|&i| probe(&up, i, &active));
+            let probes = chunk.iter().map(|&i| probe(&up, i, active));
             let outcomes = futures_util::future::join_all(probes).await;
             for (&i, outcome) in chunk.iter().zip(outcomes) {
                 last[i] = Some(Instant::now());

@@ -7,8 +7,11 @@ use std::sync::OnceLock;
 use turnpike_plugin::metrics::{register, IntCounter, IntGauge, IntGaugeVec, Opts};
 
 pub(crate) struct Gateway {
-    /// `state`: `active` (open now), `accepted` and `handled` (since start).
-    connections: IntGaugeVec,
+    /// `apisix_nginx_http_current_connections` by `state`: `active` (open
+    /// now), `accepted` and `handled` (since start), looked up once.
+    active: IntGauge,
+    accepted: IntGauge,
+    handled: IntGauge,
     /// Every request received, routed or not.
     pub requests: IntCounter,
     /// The configuration revision being served.
@@ -55,9 +58,13 @@ pub(crate) fn gateway() -> &'static Gateway {
             &["name", "ip", "port"],
         )
         .expect("valid metric");
+        let connections = register(connections);
+        let state = |s: &str| connections.with_label_values(&[s]);
         Gateway {
             upstream_status: register(upstream_status),
-            connections: register(connections),
+            active: state("active"),
+            accepted: state("accepted"),
+            handled: state("handled"),
             requests: register(requests),
             revision: register(revision),
         }
@@ -70,9 +77,9 @@ impl Gateway {
     pub(crate) fn connection(&'static self) -> ConnectionGuard {
         // As nginx: `handled` is every accepted connection not dropped at
         // once for lack of resources, which Turnpike never does.
-        self.connections.with_label_values(&["accepted"]).inc();
-        self.connections.with_label_values(&["handled"]).inc();
-        self.connections.with_label_values(&["active"]).inc();
+        self.accepted.inc();
+        self.handled.inc();
+        self.active.inc();
         ConnectionGuard(self)
     }
 }
@@ -81,6 +88,6 @@ pub(crate) struct ConnectionGuard(&'static Gateway);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.connections.with_label_values(&["active"]).dec();
+        self.0.active.dec();
     }
 }

@@ -108,7 +108,8 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 /// `degraded` while a dependency is down.
 fn health(shared: &Shared) -> serde_json::Value {
     let snapshot = shared.snapshot.load();
-    let dependencies: Vec<_> = deps::all()
+    let all = deps::all();
+    let dependencies: Vec<_> = all
         .iter()
         .map(|d| {
             serde_json::json!({
@@ -118,7 +119,7 @@ fn health(shared: &Shared) -> serde_json::Value {
             })
         })
         .collect();
-    let down = deps::all()
+    let down = all
         .iter()
         .any(|d| d.reachability() == deps::Reachability::Down);
     let mut upstreams: Vec<_> = snapshot
@@ -197,8 +198,8 @@ fn upstream_status(shared: &Shared) {
         if u.health.is_none() {
             continue;
         }
+        let name = format!("/apisix/{}", u.key);
         for (i, n) in u.nodes.iter().enumerate() {
-            let name = format!("/apisix/{}", u.key);
             let up = i64::from(node_state(u, i) == "healthy");
             gauge
                 .with_label_values(&[&name, &n.host, &n.port.to_string()])

@@ -148,18 +148,7 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
     let dns = match DNS.get() {
         Some(d) => d,
         None => {
-            let mut servers = Vec::new();
-            for (i, s) in file.gateway.dns.nameservers.iter().enumerate() {
-                let addr = s.parse().map_err(|_| {
-                    ConfigError::new(
-                        "gateway",
-                        format!("dns.nameservers[{i}]"),
-                        "must be ip:port",
-                    )
-                })?;
-                servers.push(addr);
-            }
-            let dns = Dns::new(&servers)
+            let dns = Dns::new(&file.gateway.dns.nameservers)
                 .map_err(|e| ConfigError::new("gateway", "dns", e.to_string()))?;
             // A changed answer reloads, once the gateway serves.
             dns.on_change(|| {

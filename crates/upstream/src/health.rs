@@ -299,45 +299,31 @@ impl Health {
             n.successes.store(0, Ordering::Relaxed);
             counter.fetch_add(1, Ordering::AcqRel) + 1
         };
-        let (count, threshold, goes_down, what) = match outcome {
+        let (count, threshold, goes_down) = match outcome {
             Outcome::Status(s) if !rules.tcp_only && rules.healthy.contains(&s) => {
-                let c = success();
-                (
-                    c,
-                    rules.successes,
-                    false,
-                    format!("{c} answers {s} in a row"),
-                )
+                (success(), rules.successes, false)
             }
-            Outcome::Connected => {
-                let c = success();
-                (
-                    c,
-                    rules.successes,
-                    false,
-                    format!("{c} connections in a row"),
-                )
-            }
+            Outcome::Connected => (success(), rules.successes, false),
             Outcome::Status(s) if !rules.tcp_only && rules.unhealthy.contains(&s) => {
-                let c = failure(&n.http_failures);
-                let what = format!("{c} answers {s} since the last success");
-                (c, rules.http_failures, true, what)
+                (failure(&n.http_failures), rules.http_failures, true)
             }
             Outcome::Status(_) => return None,
-            Outcome::TcpFailure => {
-                let c = failure(&n.tcp_failures);
-                let what = format!("{c} connection failures since the last success");
-                (c, rules.tcp_failures, true, what)
-            }
-            Outcome::Timeout => {
-                let c = failure(&n.timeouts);
-                let what = format!("{c} timeouts since the last success");
-                (c, rules.timeouts, true, what)
-            }
+            Outcome::TcpFailure => (failure(&n.tcp_failures), rules.tcp_failures, true),
+            Outcome::Timeout => (failure(&n.timeouts), rules.timeouts, true),
         };
         if goes_down == down || threshold == 0 || count < threshold {
             return None;
         }
+        // Worded only when the state changes: reports are per response.
+        let what = match outcome {
+            Outcome::Status(s) if goes_down => {
+                format!("{count} answers {s} since the last success")
+            }
+            Outcome::Status(s) => format!("{count} answers {s} in a row"),
+            Outcome::Connected => format!("{count} connections in a row"),
+            Outcome::TcpFailure => format!("{count} connection failures since the last success"),
+            Outcome::Timeout => format!("{count} timeouts since the last success"),
+        };
         self.set(
             i,
             !goes_down,
