@@ -29,8 +29,8 @@
 # bench/turnpike-plugins.yaml.tmpl), `turnpike+limits` (limit-count local and
 # prometheus) and `turnpike+redis` (limit-count in Redis and prometheus; a
 # redis-server of the bench's own is started, pinned with the load).
-# More variants: write a template like bench/turnpike.yaml.tmpl and add an
-# `add_turnpike_variant NAME TEMPLATE` call in main(). Every variant gets its
+# More variants: write bench/turnpike-NAME.yaml.tmpl (like
+# bench/turnpike.yaml.tmpl) and add NAME to VARIANTS. Every variant gets its
 # own ports and process and is interleaved with the others in each round;
 # every non-nginx proxy gets a ratio line against nginx, and every
 # `turnpike+…` variant one against plain `turnpike`.
