@@ -165,11 +165,18 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
         .collect();
     dns.watch(&names, std::time::Duration::from_secs(5));
     for u in upstreams {
-        let found = u
-            .service_name
-            .as_deref()
-            .and_then(|s| dns.nodes(s))
-            .unwrap_or_default();
+        let name = u.service_name.as_deref().unwrap_or_default();
+        if u.nodes.is_some() {
+            file.warnings.push(format!(
+                "service_name `{name}`: `nodes` is ignored with `discovery_type: dns`"
+            ));
+        }
+        let found = dns.nodes(name).unwrap_or_else(|| {
+            file.warnings.push(format!(
+                "service_name `{name}`: no DNS answer yet; no nodes (requests get 503) until DNS answers"
+            ));
+            Vec::new()
+        });
         let nodes = found
             .into_iter()
             .map(|n| turnpike_config::model::Node {
