@@ -44,6 +44,9 @@ pub struct Resources {
 pub struct ConfigFile {
     pub gateway: Gateway,
     pub resources: Resources,
+    /// The file as read (YAML turned JSON), for the Admin API to show and
+    /// for importing into a store.
+    pub raw: Value,
     /// Fields that were read but are not known, as `resource: path` lines.
     pub warnings: Vec<String>,
 }
@@ -76,34 +79,39 @@ pub fn parse(text: &str) -> Result<ConfigFile, Vec<ConfigError>> {
         }
     };
     let mut reader = Reader::default();
-    let mut file = ConfigFile::default();
+    let mut file = ConfigFile {
+        raw: Value::Object(root.clone()),
+        ..ConfigFile::default()
+    };
     for (key, value) in root {
-        match key.as_str() {
-            "gateway" => {
-                if let Some(g) = reader.one::<Gateway>("gateway", "", value) {
-                    file.gateway = g;
-                }
+        if key == "gateway" {
+            if let Some(g) = reader.one::<Gateway>("gateway", "", value) {
+                file.gateway = g;
             }
-            "routes" => file.resources.routes = reader.list(&key, value),
-            "services" => file.resources.services = reader.list(&key, value),
-            "upstreams" => file.resources.upstreams = reader.list(&key, value),
-            "consumers" => file.resources.consumers = reader.list(&key, value),
-            "consumer_groups" => file.resources.consumer_groups = reader.list(&key, value),
-            "plugin_configs" => file.resources.plugin_configs = reader.list(&key, value),
-            "global_rules" => file.resources.global_rules = reader.list(&key, value),
-            "ssls" => file.resources.ssls = reader.list(&key, value),
-            "plugin_metadata" => file.resources.plugin_metadata = reader.list(&key, value),
-            other => reader.errors.push(ConfigError::new(
-                "file",
-                other,
-                "unknown top-level key (expected `gateway` or a resource list: routes, services, upstreams, \
-                 consumers, consumer_groups, plugin_configs, global_rules, ssls, plugin_metadata)",
-            )),
+        } else {
+            reader.resource(&mut file.resources, &key, value);
         }
     }
     if reader.errors.is_empty() {
         file.warnings = reader.warnings;
         Ok(file)
+    } else {
+        Err(reader.errors)
+    }
+}
+
+/// Reads resource lists given as `{"routes": [...], ...}`: a store's
+/// entries gathered by kind. Errors and warnings read as the file's do.
+pub fn read_resources(
+    lists: serde_json::Map<String, Value>,
+) -> Result<(Resources, Vec<String>), Vec<ConfigError>> {
+    let mut reader = Reader::default();
+    let mut resources = Resources::default();
+    for (key, value) in lists {
+        reader.resource(&mut resources, &key, value);
+    }
+    if reader.errors.is_empty() {
+        Ok((resources, reader.warnings))
     } else {
         Err(reader.errors)
     }
@@ -116,6 +124,26 @@ struct Reader {
 }
 
 impl Reader {
+    fn resource(&mut self, res: &mut Resources, key: &str, value: Value) {
+        match key {
+            "routes" => res.routes = self.list(key, value),
+            "services" => res.services = self.list(key, value),
+            "upstreams" => res.upstreams = self.list(key, value),
+            "consumers" => res.consumers = self.list(key, value),
+            "consumer_groups" => res.consumer_groups = self.list(key, value),
+            "plugin_configs" => res.plugin_configs = self.list(key, value),
+            "global_rules" => res.global_rules = self.list(key, value),
+            "ssls" => res.ssls = self.list(key, value),
+            "plugin_metadata" => res.plugin_metadata = self.list(key, value),
+            other => self.errors.push(ConfigError::new(
+                "file",
+                other,
+                "unknown top-level key (expected `gateway` or a resource list: routes, services, upstreams, \
+                 consumers, consumer_groups, plugin_configs, global_rules, ssls, plugin_metadata)",
+            )),
+        }
+    }
+
     fn list<T: DeserializeOwned>(&mut self, kind: &str, value: Value) -> Vec<T> {
         let Value::Array(items) = value else {
             if !value.is_null() {

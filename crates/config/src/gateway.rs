@@ -19,7 +19,8 @@ pub struct Gateway {
     pub status: Status,
     #[serde(default)]
     pub config_provider: Provider,
-    pub etcd: Option<Value>,
+    #[serde(default)]
+    pub etcd: Etcd,
     pub redis: Option<Value>,
     /// Where `discovery_type: dns` upstreams are resolved.
     #[serde(default)]
@@ -51,9 +52,69 @@ impl Default for Gateway {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
+    #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// The admin key (named `admin` in the history).
     pub key: Option<String>,
+    /// More keys, as APISIX's `deployment.admin.admin_key`.
+    #[serde(default)]
+    pub admin_key: Vec<AdminKey>,
+    /// Client networks (CIDR) allowed; unset: any.
     pub allow_admin: Option<Vec<String>>,
+    /// The largest request body accepted, in bytes.
+    #[serde(default = "default_admin_body")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    pub name: String,
+    pub key: String,
+    /// `admin` (the default) or `viewer` (reads only).
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+/// `gateway.etcd`: where `config_provider: etcd` keeps the configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Etcd {
+    #[serde(default = "default_etcd_endpoints")]
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_etcd_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Etcd {
+            endpoints: default_etcd_endpoints(),
+            prefix: default_etcd_prefix(),
+            timeout: default_etcd_timeout(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9180".into()
+}
+fn default_admin_body() -> usize {
+    4 << 20
+}
+fn default_role() -> String {
+    "admin".into()
+}
+fn default_etcd_endpoints() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".into()]
+}
+fn default_etcd_prefix() -> String {
+    "/apisix".into()
+}
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `gateway.dns`: the resolvers asked for DNS discovery.

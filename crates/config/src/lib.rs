@@ -26,8 +26,8 @@ mod snapshot;
 mod watch;
 
 pub use compile::compile;
-pub use file::{load, parse, ConfigFile, Resources, KINDS};
-pub use gateway::{parse_duration, Admin, Dns, Gateway, Provider, Status};
+pub use file::{load, parse, read_resources, ConfigFile, Resources, KINDS};
+pub use gateway::{parse_duration, Admin, AdminKey, Dns, Etcd, Gateway, Provider, Status};
 pub use snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,
     Upstream,

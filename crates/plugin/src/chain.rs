@@ -492,6 +492,7 @@ mod tests {
             build,
             credentials: None,
             upstreams: &[],
+            secrets: &[],
         };
         Registry::new(vec![factory("one", 10), factory("two", 20)])
     }

@@ -51,6 +51,9 @@ pub struct Factory {
     /// the config compiler compiles them with the snapshot, for
     /// [`Env::upstream`] to find.
     pub upstreams: &'static [&'static str],
+    /// Fields of the config that hold secrets (APISIX's `encrypt_fields`):
+    /// the Admin API masks them in every read after they are written.
+    pub secrets: &'static [&'static str],
 }
 
 impl Factory {
@@ -69,6 +72,7 @@ impl Factory {
             build,
             credentials: None,
             upstreams: &[],
+            secrets: &[],
         }
     }
 
@@ -76,6 +80,12 @@ impl Factory {
     /// [`Factory::upstreams`]).
     pub const fn with_upstreams(mut self, paths: &'static [&'static str]) -> Factory {
         self.upstreams = paths;
+        self
+    }
+
+    /// Declares the config's secret fields (see [`Factory::secrets`]).
+    pub const fn with_secrets(mut self, fields: &'static [&'static str]) -> Factory {
+        self.secrets = fields;
         self
     }
 
@@ -97,6 +107,7 @@ impl Factory {
             build,
             credentials: Some(credentials),
             upstreams: &[],
+            secrets: &[],
         }
     }
 }

@@ -48,6 +48,7 @@ struct BasicAuth {
 
 pub(crate) fn factory() -> Factory {
     Factory::auth(NAME, PRIORITY, schema, consumer_schema, build, credentials)
+        .with_secrets(&["password"])
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

@@ -125,5 +125,5 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory::new(NAME, PRIORITY, schema, build)
+    Factory::new(NAME, PRIORITY, schema, build).with_secrets(&["auth_header"])
 }

@@ -87,6 +87,7 @@ struct JwtAuth {
 
 pub(crate) fn factory() -> Factory {
     Factory::auth(NAME, PRIORITY, schema, consumer_schema, build, credentials)
+        .with_secrets(&["secret", "private_key"])
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

@@ -50,6 +50,7 @@ struct KeyAuth {
 
 pub(crate) fn factory() -> Factory {
     Factory::auth(NAME, PRIORITY, schema, consumer_schema, build, credentials)
+        .with_secrets(&["key"])
 }
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {

@@ -141,7 +141,7 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 }
 
 pub(crate) fn factory() -> Factory {
-    Factory::new(NAME, PRIORITY, schema, build)
+    Factory::new(NAME, PRIORITY, schema, build).with_secrets(&["redis_password"])
 }
 
 impl Plugin for LimitConn {

@@ -90,9 +90,18 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
                     "{\"status\":\"not ready\",\"reason\":\"draining\"}".into(),
                 )
             } else {
+                // A config store that is down is reported, but leaves the
+                // node ready: it serves its last configuration, and taking
+                // every node out of rotation when etcd fails is the outage
+                // the cluster is built to avoid.
+                let store = deps::all()
+                    .iter()
+                    .find(|d| d.kind() == "etcd")
+                    .map(|d| format!(",\"store\":\"{}\"", d.reachability().as_str()))
+                    .unwrap_or_default();
                 json(
                     StatusCode::OK,
-                    format!("{{\"status\":\"ready\",\"revision\":{revision}}}"),
+                    format!("{{\"status\":\"ready\",\"revision\":{revision}{store}}}"),
                 )
             }
         }

@@ -9,10 +9,15 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
 use turnpike_proxy::{serve_status, start_health_checks, Dns, Server, Shared};
+use turnpike_store::{file_state, Store};
+
+mod admin;
+mod source;
 
 /// Why a reload runs when a DNS answer changed.
 const DNS_CHANGED: &str = "a DNS answer changed";
@@ -104,11 +109,14 @@ fn load(
 ) -> Result<(ConfigFile, Snapshot), Vec<ConfigError>> {
     let mut file = turnpike_config::load(path)?;
     let mut errors = settings_errors(&file.gateway);
-    if let Err(e) = discover(&mut file) {
-        errors.push(e);
-    }
     let revision = previous.map_or(1, |p| p.revision + 1);
-    match turnpike_config::compile(&file.resources, registry(), previous, revision) {
+    match compile(
+        &mut file.resources,
+        &file.gateway,
+        &mut file.warnings,
+        previous,
+        revision,
+    ) {
         Ok(snapshot) if errors.is_empty() => Ok((file, snapshot)),
         Ok(_) => Err(errors),
         Err(e) => {
@@ -116,6 +124,18 @@ fn load(
             Err(errors)
         }
     }
+}
+
+/// Fills discovered nodes in, then compiles.
+fn compile(
+    res: &mut turnpike_config::Resources,
+    gateway: &Gateway,
+    warnings: &mut Vec<String>,
+    previous: Option<&Snapshot>,
+    revision: u64,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    discover(res, &gateway.dns, warnings).map_err(|e| vec![e])?;
+    turnpike_config::compile(res, registry(), previous, revision)
 }
 
 /// The DNS resolver of `discovery_type: dns` upstreams, made when first
@@ -129,8 +149,11 @@ static RELOADER: std::sync::OnceLock<std::sync::Weak<Reloader>> = std::sync::Onc
 /// Fills the nodes of `discovery_type: dns` upstreams with what DNS says
 /// now, watching names not seen before (and waiting a few seconds for
 /// their first answer, so the gateway starts with its nodes).
-fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
-    let res = &mut file.resources;
+fn discover(
+    res: &mut turnpike_config::Resources,
+    settings: &turnpike_config::Dns,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
     let upstreams = res
         .upstreams
         .iter_mut()
@@ -148,7 +171,7 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
     let dns = match DNS.get() {
         Some(d) => d,
         None => {
-            let dns = Dns::new(&file.gateway.dns.nameservers)
+            let dns = Dns::new(&settings.nameservers)
                 .map_err(|e| ConfigError::new("gateway", "dns", e.to_string()))?;
             // A changed answer reloads, once the gateway serves.
             dns.on_change(|| {
@@ -167,12 +190,12 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
     for u in upstreams {
         let name = u.service_name.as_deref().unwrap_or_default();
         if u.nodes.is_some() {
-            file.warnings.push(format!(
+            warnings.push(format!(
                 "service_name `{name}`: `nodes` is ignored with `discovery_type: dns`"
             ));
         }
         let found = dns.nodes(name).unwrap_or_else(|| {
-            file.warnings.push(format!(
+            warnings.push(format!(
                 "service_name `{name}`: no DNS answer yet; no nodes (requests get 503) until DNS answers"
             ));
             Vec::new()
@@ -194,14 +217,7 @@ fn discover(file: &mut ConfigFile) -> Result<(), ConfigError> {
 
 /// Node settings this build cannot honour are refused, not ignored.
 fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
-    let mut errors = Vec::new();
-    if g.config_provider != Provider::File {
-        errors.push(ConfigError::new(
-            "gateway",
-            "config_provider",
-            "only `file` is available in this build (embedded and etcd stores are on the way)",
-        ));
-    }
+    let mut errors = admin::settings_errors(g);
     if !g.tls_listen.is_empty() {
         errors.push(ConfigError::new(
             "gateway",
@@ -252,21 +268,27 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let (file, snapshot) = match load(path, None) {
-        Ok(loaded) => loaded,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("{}: {e}", path.display());
-            }
-            return ExitCode::from(1);
+    let mut file = match turnpike_config::load(path) {
+        Ok(file) => file,
+        Err(errors) => return refused(path, &errors),
+    };
+    let errors = settings_errors(&file.gateway);
+    if !errors.is_empty() {
+        return refused(path, &errors);
+    }
+    // With the file as the source, refuse a bad one before logging starts.
+    let snapshot = if file.gateway.config_provider == Provider::File {
+        let (res, gateway, warnings) = (&mut file.resources, &file.gateway, &mut file.warnings);
+        match compile(res, gateway, warnings, None, 1) {
+            Ok(s) => Some(s),
+            Err(errors) => return refused(path, &errors),
         }
+    } else {
+        None
     };
     init_logging(&file.gateway.log_level);
-    for w in file.warnings.iter().chain(&snapshot.warnings) {
+    for w in &file.warnings {
         tracing::warn!("{w}");
-    }
-    if file.gateway.admin.is_some() {
-        tracing::warn!("gateway.admin: the Admin API is not available in this build; the config file is the source of truth");
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -278,7 +300,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let served = rt.block_on(serve(path, file.gateway, snapshot));
+    let served = rt.block_on(serve(path, file, snapshot));
     // After a second signal the drain may still be running on a blocking
     // thread: do not wait for it, as dropping the runtime would.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -292,6 +314,13 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
+fn refused(path: &Path, errors: &[ConfigError]) -> ExitCode {
+    for e in errors {
+        eprintln!("{}: {e}", path.display());
+    }
+    ExitCode::from(1)
+}
+
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -303,7 +332,44 @@ fn init_logging(level: &str) {
         .init();
 }
 
-async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Result<()> {
+/// The first snapshot from a store; a configuration that does not compile
+/// is refused with every error.
+fn first_from_store(store: &Store, gateway: &Gateway) -> std::io::Result<Snapshot> {
+    match source::compile(&store.state(), gateway, None) {
+        Ok((snapshot, warnings)) => {
+            for w in warnings.iter().chain(&snapshot.warnings) {
+                tracing::warn!("{w}");
+            }
+            Ok(snapshot)
+        }
+        Err(errors) => {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Err(std::io::Error::other(format!(
+                "the configuration in the {} store does not compile:\n{}",
+                store.describe(),
+                lines.join("\n")
+            )))
+        }
+    }
+}
+
+async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std::io::Result<()> {
+    let store = source::open(&file, path)
+        .await
+        .map_err(std::io::Error::other)?;
+    let snapshot = match (&store, snapshot) {
+        (Some(store), _) => first_from_store(store, &file.gateway)?,
+        (None, Some(snapshot)) => snapshot,
+        (None, None) => unreachable!("a file source is compiled before serving"),
+    };
+    for w in &snapshot.warnings {
+        tracing::warn!("{w}");
+    }
+    let file_view = Arc::new(ArcSwap::from_pointee(file_state(
+        &file.raw,
+        snapshot.revision,
+    )));
+    let gateway = file.gateway;
     let routes = snapshot.routes.len();
     let runtime = tokio::runtime::Handle::current();
     start_health_checks(&snapshot, &runtime);
@@ -315,7 +381,12 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
         shared.clone(),
     )?;
     let status = serve_status(&gateway.status.listen, shared.clone()).await?;
-    tracing::info!(listen = ?server.addrs(), status = %status, routes, "turnpike is serving");
+    admin::start(&gateway, store.as_ref(), &file_view, &shared).await?;
+    let _store_health = store.as_ref().and_then(source::watch_health);
+    let from = store
+        .as_ref()
+        .map_or_else(|| path.display().to_string(), |s| s.describe());
+    tracing::info!(listen = ?server.addrs(), status = %status, routes, "turnpike is serving (configuration from {from})");
 
     let reloader = Arc::new(Reloader {
         path: path.to_path_buf(),
@@ -323,12 +394,24 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
         gateway,
         last: Mutex::new(std::fs::read_to_string(path).ok()),
         runtime,
+        store: store.clone(),
+        file_view,
     });
     let _ = RELOADER.set(Arc::downgrade(&reloader));
-    let on_change = reloader.clone();
-    let _watch =
-        turnpike_config::watch_file(path, move || on_change.reload("the config file changed"))
+    let _watch = match &store {
+        None => {
+            let on_change = reloader.clone();
+            let watch = turnpike_config::watch_file(path, move || {
+                on_change.reload("the config file changed")
+            })
             .map_err(|e| std::io::Error::other(format!("cannot watch {}: {e}", path.display())))?;
+            Some(watch)
+        }
+        Some(store) => {
+            follow(store, reloader.clone());
+            None
+        }
+    };
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -355,16 +438,33 @@ async fn serve(path: &Path, gateway: Gateway, snapshot: Snapshot) -> std::io::Re
     Ok(())
 }
 
-/// Applies config file changes, one at a time.
+/// Reloads each time the store changes; changes that come while a reload
+/// runs are taken together by the next.
+fn follow(store: &Store, reloader: Arc<Reloader>) {
+    let mut changes = store.changes();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload("the config store changed")).await;
+        }
+    });
+}
+
+/// Applies configuration changes, one at a time.
 struct Reloader {
     path: PathBuf,
     shared: Arc<Shared>,
     gateway: Gateway,
     /// The text last applied or refused, so events that do not change the
-    /// file (another file in its directory, a touch) cost nothing.
+    /// file (another file in its directory, a touch) cost nothing. Also the
+    /// lock that keeps reloads one at a time.
     last: Mutex<Option<String>>,
     /// Where active health checkers of new upstreams run.
     runtime: tokio::runtime::Handle,
+    /// The store, when the file is not the source.
+    store: Option<Arc<Store>>,
+    /// The file's resources, for the Admin API to read (file source).
+    file_view: Arc<ArcSwap<turnpike_store::State>>,
 }
 
 impl Reloader {
@@ -373,21 +473,40 @@ impl Reloader {
         // panicked; reloading is still safe because a snapshot is swapped in
         // whole or not at all.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let text = std::fs::read_to_string(&self.path).ok();
         let forced = why == "SIGHUP" || why == DNS_CHANGED;
-        if !forced && text.is_some() && *last == text {
-            return;
-        }
-        *last = text;
         let previous = self.shared.snapshot.load_full();
         let started = std::time::Instant::now();
-        match load(&self.path, Some(&previous)) {
-            Ok((file, snapshot)) => {
-                for w in file.warnings.iter().chain(&snapshot.warnings) {
+        let loaded = match &self.store {
+            Some(store) => {
+                let state = store.state();
+                if !forced && state.revision == previous.revision {
+                    return;
+                }
+                source::compile(&state, &self.gateway, Some(&previous))
+                    .map(|(snapshot, warnings)| (snapshot, warnings, None))
+            }
+            None => {
+                let text = std::fs::read_to_string(&self.path).ok();
+                if !forced && text.is_some() && *last == text {
+                    return;
+                }
+                *last = text;
+                load(&self.path, Some(&previous)).map(|(mut file, snapshot)| {
+                    (snapshot, std::mem::take(&mut file.warnings), Some(file))
+                })
+            }
+        };
+        match loaded {
+            Ok((snapshot, warnings, file)) => {
+                for w in warnings.iter().chain(&snapshot.warnings) {
                     tracing::warn!("{w}");
                 }
-                if settings_changed(&self.gateway, &file.gateway) {
-                    tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
+                if let Some(file) = file {
+                    if settings_changed(&self.gateway, &file.gateway) {
+                        tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
+                    }
+                    self.file_view
+                        .store(Arc::new(file_state(&file.raw, snapshot.revision)));
                 }
                 let (revision, routes) = (snapshot.revision, snapshot.routes.len());
                 start_health_checks(&snapshot, &self.runtime);

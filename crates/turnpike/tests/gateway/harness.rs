@@ -299,6 +299,13 @@ impl Gateway {
 
     /// Starts the gateway on a config file already in place in `dir`.
     pub async fn launch(dir: TempDir, config: PathBuf, port: u16, status_port: u16) -> Gateway {
+        let gw = Gateway::spawn(dir, config, port, status_port);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts the gateway without waiting for it to be ready.
+    pub fn spawn(dir: TempDir, config: PathBuf, port: u16, status_port: u16) -> Gateway {
         let log = dir.path.join("turnpike.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary())
@@ -309,19 +316,17 @@ impl Gateway {
             .stderr(Stdio::from(log_file))
             .spawn()
             .expect("turnpike starts");
-        let gw = Gateway {
+        Gateway {
             child: Some(child),
             port,
             status_port,
             config,
             log,
             _dir: dir,
-        };
-        gw.wait_ready().await;
-        gw
+        }
     }
 
-    async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(resp) = get(&format!("http://127.0.0.1:{}/readyz", self.status_port)).await {
@@ -381,6 +386,29 @@ impl Gateway {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
+    }
+
+    /// Kills the process (SIGKILL, nothing flushed) and starts it again on
+    /// the same config file and directory.
+    pub async fn kill_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("turnpike starts");
+        self.child = Some(child);
+        self.wait_ready().await;
     }
 
     /// Waits for the process to exit; returns its exit code.

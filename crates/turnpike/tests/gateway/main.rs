@@ -4,6 +4,9 @@
 mod harness;
 mod services;
 
+mod admin;
+mod cluster;
+
 mod balancing;
 mod health;
 mod lifecycle;

@@ -141,3 +141,91 @@ impl Drop for Dnsmasq {
         self.stop();
     }
 }
+
+/// An `etcd` of our own: one member, client and peer ports free, data in a
+/// temporary directory that outlives a stop (so a restart keeps the data).
+pub struct Etcd {
+    pub port: u16,
+    peer: u16,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        require("etcd", "etcd-server");
+        require("etcdctl", "etcd-client");
+        let mut etcd = Etcd {
+            port: free_port(),
+            peer: free_port(),
+            child: None,
+            dir: TempDir::new(),
+        };
+        etcd.resume();
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server as a crash would (SIGKILL); the data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts (again) on the same ports and data.
+    pub fn resume(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let log = std::fs::File::create(self.dir.path.join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.dir.path.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("etcd starts");
+        self.child = Some(child);
+        wait_listening(self.port, "etcd");
+    }
+
+    /// Runs `etcdctl` against this server; panics with its output on failure.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

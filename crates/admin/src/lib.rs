@@ -1,0 +1,308 @@
+//! The Admin API: APISIX v3's paths, verbs, bodies and answers over the
+//! config store, plus revision history, diff and rollback under
+//! `/turnpike/admin/`.
+//!
+//! Every write is checked before it is committed: the whole configuration
+//! with the change applied is compiled by the caller's [`Validate`], so a
+//! write the gateway could not serve is refused (400, with the resource and
+//! field path) and nothing is stored. A commit compares-and-sets each key
+//! it changes on the revision it was validated against; a concurrent edit
+//! makes it validate again, or answers 409 when the client sent `If-Match`.
+//!
+//! Security: keys are compared in constant time; `allow_admin` limits the
+//! client addresses; bodies are bounded; secret fields of plugins are
+//! masked in every read and never echoed in errors.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State as Extract};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use ipnet::IpNet;
+use serde_json::{json, Value};
+use turnpike_plugin::Registry;
+use turnpike_store::{State, Store};
+
+mod history;
+mod mask;
+mod resources;
+
+/// Compiles a whole configuration (values by key); the errors name the
+/// resource and field path.
+pub type Validate = Arc<dyn Fn(&BTreeMap<String, Value>) -> Result<(), Vec<String>> + Send + Sync>;
+
+/// Where reads come from, and whether writes are allowed.
+pub enum Backend {
+    /// `config_provider: file`: the file's resources, replaced on reload.
+    ReadOnly(Arc<ArcSwap<State>>),
+    Store(Arc<Store>),
+}
+
+impl Backend {
+    fn state(&self) -> Arc<State> {
+        match self {
+            Backend::ReadOnly(s) => s.load_full(),
+            Backend::Store(s) => s.state(),
+        }
+    }
+}
+
+/// An Admin API key, as APISIX's `deployment.admin.admin_key` entries.
+#[derive(Debug, Clone)]
+pub struct Key {
+    /// Named in the history as who made a change.
+    pub name: String,
+    pub key: String,
+    /// `viewer` keys read only.
+    pub viewer: bool,
+}
+
+pub struct Settings {
+    pub keys: Vec<Key>,
+    /// Client networks allowed; empty: any.
+    pub allow: Vec<IpNet>,
+    /// The largest request body accepted.
+    pub body_limit: usize,
+    /// The etcd prefix shown in item keys (`/apisix`).
+    pub prefix: String,
+}
+
+pub struct Admin {
+    pub settings: Settings,
+    pub backend: Backend,
+    pub validate: Validate,
+    pub registry: &'static Registry,
+    /// One write at a time on this node: validation and commit in order.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl Admin {
+    pub fn new(
+        settings: Settings,
+        backend: Backend,
+        validate: Validate,
+        registry: &'static Registry,
+    ) -> Admin {
+        Admin {
+            settings,
+            backend,
+            validate,
+            registry,
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// Binds the Admin API on `addr` and serves it on the current runtime.
+pub async fn serve(addr: &str, admin: Admin) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("gateway.admin.listen: cannot listen on {addr}: {e}"),
+        )
+    })?;
+    let bound = listener.local_addr()?;
+    let limit = admin.settings.body_limit;
+    let app = axum::Router::new()
+        .fallback(handle)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Arc::new(admin));
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, service).await {
+            tracing::error!("admin API stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+/// An answer: a status and a JSON body.
+#[derive(Debug)]
+pub(crate) struct Answer(StatusCode, Value);
+
+impl Answer {
+    pub(crate) fn ok(body: Value) -> Answer {
+        Answer(StatusCode::OK, body)
+    }
+
+    pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+        Answer(status, json!({"error_msg": message.into()}))
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+/// What a handler knows of the request.
+pub(crate) struct Call<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: BTreeMap<String, String>,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+    /// The key's name, for the history.
+    pub actor: String,
+}
+
+async fn handle(
+    Extract(admin): Extract<Arc<Admin>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Answer {
+    let ip = peer.ip().to_canonical();
+    if !admin.settings.allow.is_empty() && !admin.settings.allow.iter().any(|n| n.contains(&ip)) {
+        return Answer::error(
+            StatusCode::FORBIDDEN,
+            format!("{ip} is not allowed (gateway.admin.allow_admin)"),
+        );
+    }
+    let query: BTreeMap<String, String> = uri.query().map(query_pairs).unwrap_or_default();
+    let offered = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or(query.get("api_key").map(String::as_str));
+    let key = match admin.authorize(offered) {
+        Some(k) => k,
+        None => return Answer::error(StatusCode::UNAUTHORIZED, "failed to check token"),
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return Answer::error(e.status(), e.body_text()),
+    };
+    if key.viewer && method != Method::GET {
+        return Answer::error(
+            StatusCode::UNAUTHORIZED,
+            "this key only reads (role: viewer)",
+        );
+    }
+    let call = Call {
+        method: &method,
+        path: uri.path(),
+        query,
+        headers: &headers,
+        body,
+        actor: key.name.clone(),
+    };
+    let path = call.path.trim_end_matches('/');
+    if let Some(rest) = path.strip_prefix("/turnpike/admin/") {
+        return history::handle(&admin, &call, rest).await;
+    }
+    match path.strip_prefix("/apisix/admin/") {
+        Some("plugins/list") if method == Method::GET => plugin_list(&admin),
+        Some(rest) if rest.starts_with("plugins/") && method == Method::GET => {
+            plugin_schema(&admin, &rest["plugins/".len()..])
+        }
+        Some(rest) => resources::handle(&admin, &call, rest).await,
+        None => Answer::error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+impl Admin {
+    /// The key offered, if it is one of ours (constant time per key).
+    fn authorize(&self, offered: Option<&str>) -> Option<&Key> {
+        // No key is allowed on a loopback address only (checked at start).
+        static ANONYMOUS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key {
+            name: "admin (no key)".into(),
+            key: String::new(),
+            viewer: false,
+        });
+        if self.settings.keys.is_empty() {
+            return Some(&ANONYMOUS);
+        }
+        let offered = offered?;
+        let mut found = None;
+        for k in &self.settings.keys {
+            if same(k.key.as_bytes(), offered.as_bytes()) && found.is_none() {
+                found = Some(k);
+            }
+        }
+        found
+    }
+
+    fn store(&self) -> Result<&Store, Answer> {
+        match &self.backend {
+            Backend::Store(s) => Ok(s),
+            Backend::ReadOnly(_) => Err(Answer::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the configuration comes from the config file (config_provider: file): edit the file, \
+                 or run with config_provider: embedded or etcd to write through the Admin API",
+            )),
+        }
+    }
+
+    /// Runs the validator off the async threads (a large config takes a
+    /// while to compile).
+    async fn check(&self, values: BTreeMap<String, Value>) -> Result<(), Vec<String>> {
+        let validate = self.validate.clone();
+        tokio::task::spawn_blocking(move || validate(&values))
+            .await
+            .unwrap_or_else(|e| Err(vec![format!("validation failed: {e}")]))
+    }
+}
+
+/// Equal bytes, in time that depends only on the lengths.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn query_pairs(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+            (!k.is_empty()).then(|| (k.to_owned(), v.into_owned()))
+        })
+        .collect()
+}
+
+fn plugin_list(admin: &Admin) -> Answer {
+    let mut names: Vec<&str> = admin.registry.factories().map(|f| f.name).collect();
+    names.sort_unstable();
+    Answer::ok(json!(names))
+}
+
+fn plugin_schema(admin: &Admin, name: &str) -> Answer {
+    let Some(schema) = admin.registry.schema(name) else {
+        return Answer::error(
+            StatusCode::NOT_FOUND,
+            format!("plugin `{name}` is not in this build"),
+        );
+    };
+    let mut schema = schema.clone();
+    if let Some(consumer) = admin.registry.consumer_schema(name) {
+        schema["consumer_schema"] = consumer.clone();
+    }
+    Answer::ok(schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn queries_split_and_decode() {
+        let q = query_pairs("api_key=k%2Fy&page=2&x");
+        assert_eq!(q["api_key"], "k/y");
+        assert_eq!(q["x"], "");
+    }
+}

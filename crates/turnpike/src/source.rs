@@ -1,0 +1,143 @@
+//! Where the resources come from: the config file (`config_provider:
+//! file`), or a store the Admin API edits (`embedded`, `etcd`). Node
+//! settings always come from the file.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
+use turnpike_plugin::deps::{self, Dependency, Reachability};
+use turnpike_store::{
+    file_state, resource_lists, values, Embedded, Etcd, EtcdSettings, Expect, State, Store, Write,
+};
+
+/// Opens the store the settings name (none for `file`). An empty embedded
+/// store takes the file's resources once; etcd waits until it answers.
+pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, String> {
+    let g = &file.gateway;
+    let in_file = file_state(&file.raw, 1);
+    let store = match g.config_provider {
+        Provider::File => return Ok(None),
+        Provider::Embedded => {
+            let dir = Path::new(&g.data_dir);
+            let store = Embedded::open(dir).map_err(|e| format!("gateway.data_dir: {e}"))?;
+            Store::Embedded(store)
+        }
+        Provider::Etcd => {
+            tracing::info!(endpoints = ?g.etcd.endpoints, prefix = %g.etcd.prefix, "listing the configuration from etcd");
+            Store::Etcd(
+                Etcd::connect(EtcdSettings {
+                    endpoints: g.etcd.endpoints.clone(),
+                    prefix: g.etcd.prefix.clone(),
+                    timeout: g.etcd.timeout,
+                })
+                .await,
+            )
+        }
+    };
+    let store = Arc::new(store);
+    if !in_file.items.is_empty() {
+        if matches!(*store, Store::Embedded(_)) && store.state().revision == 0 {
+            import(&store, in_file, path).await?;
+        } else {
+            tracing::warn!(
+                "{}: its resources are ignored: the configuration is in the {} store (`turnpike` imports a file only into an empty embedded store)",
+                path.display(),
+                if matches!(*store, Store::Etcd(_)) { "etcd" } else { "embedded" }
+            );
+        }
+    }
+    Ok(Some(store))
+}
+
+/// Writes the file's resources into an empty store, as its first revision.
+async fn import(store: &Store, from: State, path: &Path) -> Result<(), String> {
+    let count = from.items.len();
+    let writes = from
+        .items
+        .into_iter()
+        .map(|(key, item)| Write {
+            key,
+            value: Some(item.value),
+            expect: Expect::Absent,
+        })
+        .collect();
+    let revision = store
+        .commit(writes, "config file import")
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        revision,
+        "imported {count} resources from {} into the empty embedded store; from now on the store holds the configuration and the file's resources are not read again",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Compiles a store's state; the snapshot's revision is the store's.
+pub fn compile(
+    state: &State,
+    gateway: &Gateway,
+    previous: Option<&Snapshot>,
+) -> Result<(Snapshot, Vec<String>), Vec<ConfigError>> {
+    let all = values(state);
+    let (mut res, mut warnings) = turnpike_config::read_resources(resource_lists(&all))?;
+    let snapshot = crate::compile(&mut res, gateway, &mut warnings, previous, state.revision)?;
+    Ok((snapshot, warnings))
+}
+
+/// What the Admin API checks a write with: the whole configuration as it
+/// would be, compiled. Discovered upstreams are checked without their
+/// nodes, so a check never changes what DNS watches.
+pub fn validator(shared: Arc<turnpike_proxy::Shared>) -> turnpike_admin::Validate {
+    Arc::new(move |all| {
+        let to_strings =
+            |errors: Vec<ConfigError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let (mut res, _) =
+            turnpike_config::read_resources(resource_lists(all)).map_err(to_strings)?;
+        let discovered = res
+            .upstreams
+            .iter_mut()
+            .chain(res.routes.iter_mut().filter_map(|r| r.upstream.as_mut()))
+            .chain(res.services.iter_mut().filter_map(|s| s.upstream.as_mut()))
+            .filter(|u| u.discovery_type.is_some());
+        for u in discovered {
+            u.nodes = Some(turnpike_config::model::Nodes::List(Vec::new()));
+        }
+        let previous = shared.snapshot.load_full();
+        turnpike_config::compile(&res, crate::registry(), Some(&previous), 0)
+            .map(drop)
+            .map_err(to_strings)
+    })
+}
+
+/// The etcd store as `/gateway/health` lists it.
+pub struct StoreHealth(pub Arc<Store>);
+
+impl Dependency for StoreHealth {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn address(&self) -> String {
+        self.0.describe().trim_start_matches("etcd ").to_owned()
+    }
+
+    fn reachability(&self) -> Reachability {
+        if self.0.up() {
+            Reachability::Up
+        } else {
+            Reachability::Down
+        }
+    }
+}
+
+/// Lists an etcd store among the dependencies while the returned handle lives.
+pub fn watch_health(store: &Arc<Store>) -> Option<Arc<dyn Dependency>> {
+    if !matches!(**store, Store::Etcd(_)) {
+        return None;
+    }
+    let dep: Arc<dyn Dependency> = Arc::new(StoreHealth(store.clone()));
+    deps::register(&dep);
+    Some(dep)
+}
