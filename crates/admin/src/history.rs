@@ -128,7 +128,6 @@ async fn rollback(
         Answer::error(StatusCode::BAD_REQUEST, "`revision` (a number) is required")
     })?;
     let _one = admin.writing.lock().await;
-    let target = store.values_at(revision).await.map_err(failed)?;
     let current = store.state();
     if revision > current.revision {
         return Err(Answer::error(
@@ -139,6 +138,7 @@ async fn rollback(
             ),
         ));
     }
+    let target = store.values_at(revision).await.map_err(failed)?;
     if let Err(errors) = admin.check(target.clone()).await {
         return Err(Answer::error(
             StatusCode::BAD_REQUEST,

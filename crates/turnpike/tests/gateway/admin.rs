@@ -599,7 +599,7 @@ async fn history_diff_and_rollback() {
             Some(json!({"revision": 77})),
         )
         .await;
-    assert_eq!(r.status, 410, "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
     // /gateway/health reports the revision served.
     let health = get(&format!(
         "http://127.0.0.1:{}/gateway/health",

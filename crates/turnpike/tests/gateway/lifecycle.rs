@@ -68,7 +68,7 @@ upstreams:
     let settings = dir.path.join("settings.yaml");
     std::fs::write(
         &settings,
-        "gateway:\n  listen: [\"localhost:9080\"]\n  config_provider: etcd\n",
+        "gateway:\n  listen: [\"localhost:9080\"]\n  admin: {listen: \"0.0.0.0:9180\"}\n",
     )
     .unwrap();
     let out = Command::new(binary())
@@ -83,7 +83,7 @@ upstreams:
         "{err}"
     );
     assert!(
-        err.contains("gateway: config_provider: only `file` is available"),
+        err.contains("gateway: admin.key: the Admin API listens on 0.0.0.0:9180"),
         "{err}"
     );
 

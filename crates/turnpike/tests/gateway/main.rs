@@ -6,6 +6,7 @@ mod services;
 
 mod admin;
 mod cluster;
+mod openapi;
 
 mod balancing;
 mod health;
