@@ -92,7 +92,7 @@ async fn show(
 }
 
 fn diff(admin: &Admin, c: &Commit) -> Value {
-    let show = |v: &Option<Value>| v.as_ref().map(|v| masked(admin.registry, v));
+    let show = |v: &Option<Value>| v.as_ref().map(|v| masked(admin.plugins, v));
     let changes: Vec<Value> = c
         .changes
         .iter()

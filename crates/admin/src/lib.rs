@@ -24,11 +24,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use turnpike_plugin::Registry;
-use turnpike_store::{State, Store};
+use turnpike_store::{Registry, State, Store};
 
 mod history;
 mod mask;
+mod registry;
 mod resources;
 
 /// Compiles a whole configuration (values by key); the errors name the
@@ -75,7 +75,9 @@ pub struct Admin {
     pub settings: Settings,
     pub backend: Backend,
     pub validate: Validate,
-    pub registry: &'static Registry,
+    pub plugins: &'static turnpike_plugin::Registry,
+    /// The service registry, if this gateway has one.
+    pub registry: Option<Arc<Registry>>,
     /// One write at a time on this node: validation and commit in order.
     writing: tokio::sync::Mutex<()>,
 }
@@ -85,12 +87,14 @@ impl Admin {
         settings: Settings,
         backend: Backend,
         validate: Validate,
-        registry: &'static Registry,
+        plugins: &'static turnpike_plugin::Registry,
+        registry: Option<Arc<Registry>>,
     ) -> Admin {
         Admin {
             settings,
             backend,
             validate,
+            plugins,
             registry,
             writing: tokio::sync::Mutex::new(()),
         }
@@ -197,6 +201,11 @@ async fn handle(
     if let Some(rest) = path.strip_prefix("/turnpike/admin/") {
         return history::handle(&admin, &call, rest).await;
     }
+    if let Some(rest) = path.strip_prefix("/turnpike/registry") {
+        if rest.is_empty() || rest.starts_with('/') {
+            return registry::handle(&admin, &call, rest).await;
+        }
+    }
     match path.strip_prefix("/apisix/admin/") {
         Some("plugins/list") if method == Method::GET => plugin_list(&admin),
         Some(rest) if rest.starts_with("plugins/") && method == Method::GET => {
@@ -269,20 +278,20 @@ fn query_pairs(q: &str) -> BTreeMap<String, String> {
 }
 
 fn plugin_list(admin: &Admin) -> Answer {
-    let mut names: Vec<&str> = admin.registry.factories().map(|f| f.name).collect();
+    let mut names: Vec<&str> = admin.plugins.factories().map(|f| f.name).collect();
     names.sort_unstable();
     Answer::ok(json!(names))
 }
 
 fn plugin_schema(admin: &Admin, name: &str) -> Answer {
-    let Some(schema) = admin.registry.schema(name) else {
+    let Some(schema) = admin.plugins.schema(name) else {
         return Answer::error(
             StatusCode::NOT_FOUND,
             format!("plugin `{name}` is not in this build"),
         );
     };
     let mut schema = schema.clone();
-    if let Some(consumer) = admin.registry.consumer_schema(name) {
+    if let Some(consumer) = admin.plugins.consumer_schema(name) {
         schema["consumer_schema"] = consumer.clone();
     }
     Answer::ok(schema)

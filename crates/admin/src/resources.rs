@@ -125,7 +125,7 @@ pub(crate) async fn handle(admin: &Admin, call: &Call<'_>, rest: &str) -> Answer
 fn item(admin: &Admin, key: &str, item: &Item) -> Value {
     json!({
         "key": format!("{}/{key}", admin.settings.prefix),
-        "value": masked(admin.registry, &item.value),
+        "value": masked(admin.plugins, &item.value),
         "createdIndex": item.created,
         "modifiedIndex": item.modified,
     })
@@ -306,7 +306,7 @@ fn plan(
     let mut writes = Vec::new();
     let value = match value {
         Some(mut v) => {
-            unmask(admin.registry, &mut v, old.map(|o| &o.value));
+            unmask(admin.plugins, &mut v, old.map(|o| &o.value));
             stamp(target, &id, &mut v, old.map(|o| &o.value));
             Some(v)
         }
@@ -563,7 +563,7 @@ async fn validate(admin: &Admin, state: &State, plan: &Plan) -> Result<(), Answe
     let hidden = plan
         .value
         .as_ref()
-        .map(|v| secrets(admin.registry, v))
+        .map(|v| secrets(admin.plugins, v))
         .unwrap_or_default();
     Err(Answer::error(
         StatusCode::BAD_REQUEST,
@@ -581,7 +581,7 @@ fn done(admin: &Admin, op: Op, plan: &Plan, revision: u64, state: &State) -> Ans
         Some(i) => item(admin, &plan.key, i),
         // Another writer deleted it already; answer with what was written.
         None => {
-            json!({"key": full, "value": plan.value.as_ref().map(|v| masked(admin.registry, v)), "modifiedIndex": revision})
+            json!({"key": full, "value": plan.value.as_ref().map(|v| masked(admin.plugins, v)), "modifiedIndex": revision})
         }
     };
     let status = if plan.created {

@@ -654,21 +654,21 @@ impl Compiler<'_> {
             None
         };
         match (u.discovery_type.as_deref(), &u.service_name) {
-            (None, None) | (Some("dns"), Some(_)) => {}
-            (Some("dns"), None) => self.err(
+            (None, None) | (Some("dns" | "registry"), Some(_)) => {}
+            (Some(kind @ ("dns" | "registry")), None) => self.err(
                 label,
                 at("service_name"),
-                "required with `discovery_type: dns`",
+                format!("required with `discovery_type: {kind}`"),
             ),
             (None, Some(_)) => self.err(
                 label,
                 at("discovery_type"),
-                "required with `service_name` (`dns`)",
+                "required with `service_name` (`dns` or `registry`)",
             ),
             (Some(_), _) => self.err(
                 label,
                 at("discovery_type"),
-                "only `dns` is available in this build",
+                "must be `dns` or `registry` (other discovery types are not available in this build)",
             ),
         }
         let checks = self.checks(u, label, &at("checks"));

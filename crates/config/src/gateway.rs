@@ -21,7 +21,8 @@ pub struct Gateway {
     pub config_provider: Provider,
     #[serde(default)]
     pub etcd: Etcd,
-    pub redis: Option<Value>,
+    /// Shared state of a cluster of gateways (the service registry).
+    pub redis: Option<Redis>,
     /// Where `discovery_type: dns` upstreams are resolved.
     #[serde(default)]
     pub dns: Dns,
@@ -74,6 +75,14 @@ pub struct AdminKey {
     /// `admin` (the default) or `viewer` (reads only).
     #[serde(default = "default_role")]
     pub role: String,
+}
+
+/// `gateway.redis`: the Redis a cluster of gateways shares state in.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
 }
 
 /// `gateway.etcd`: where `config_provider: etcd` keeps the configuration.

@@ -102,6 +102,12 @@ pub(crate) struct Group {
 }
 
 impl Upstream {
+    /// `(discovery_type, service_name)` when the nodes are discovered.
+    pub fn discovery(&self) -> Option<(&str, &str)> {
+        let s = &self.source;
+        Some((s.discovery_type.as_deref()?, s.service_name.as_deref()?))
+    }
+
     /// Splits nodes into priority groups (highest first), each with its own
     /// balancer, and tells each node where it sits.
     pub(crate) fn groups(kind: turnpike_upstream::Kind, nodes: &mut [Node]) -> Box<[Group]> {

@@ -178,12 +178,17 @@ fn services(shared: &Shared) -> serde_json::Value {
             let healthy = (0..u.nodes.len())
                 .filter(|&i| node_state(u, i) != "unhealthy")
                 .count();
-            Some(serde_json::json!({
+            let mut entry = serde_json::json!({
                 "upstream": key,
                 "routes": routes,
                 "nodes": u.nodes.len(),
                 "healthy": healthy,
-            }))
+            });
+            if let Some((kind, name)) = u.discovery() {
+                entry["discovery_type"] = kind.into();
+                entry["service_name"] = name.into();
+            }
+            Some(entry)
         })
         .collect();
     serde_json::json!({ "services": services })

@@ -22,10 +22,12 @@ use tokio::sync::watch;
 mod embedded;
 mod etcd;
 mod layout;
+mod registry;
 
 pub use embedded::Embedded;
 pub use etcd::{Etcd, EtcdSettings};
 pub use layout::{file_state, resource_lists, values};
+pub use registry::{sweep_local, Instance, Registration, Registry};
 
 /// One resource as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

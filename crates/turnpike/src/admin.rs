@@ -79,6 +79,7 @@ pub async fn start(
     store: Option<&Arc<Store>>,
     file_view: &Arc<ArcSwap<State>>,
     shared: &Arc<turnpike_proxy::Shared>,
+    registry: &Arc<turnpike_store::Registry>,
 ) -> std::io::Result<()> {
     let Some(admin) = &g.admin else {
         if store.is_some() {
@@ -102,7 +103,13 @@ pub async fn start(
         None => Backend::ReadOnly(file_view.clone()),
     };
     let validate = crate::source::validator(shared.clone());
-    let api = Admin::new(settings, backend, validate, crate::registry());
+    let api = Admin::new(
+        settings,
+        backend,
+        validate,
+        crate::registry(),
+        Some(registry.clone()),
+    );
     let addr = turnpike_admin::serve(&admin.listen, api).await?;
     tracing::info!(admin = %addr, "admin API is serving");
     Ok(())

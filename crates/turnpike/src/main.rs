@@ -13,14 +13,12 @@ use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
-use turnpike_proxy::{serve_status, start_health_checks, Dns, Server, Shared};
+use turnpike_proxy::{serve_status, start_health_checks, Server, Shared};
 use turnpike_store::{file_state, Store};
 
 mod admin;
+mod discovery;
 mod source;
-
-/// Why a reload runs when a DNS answer changed.
-const DNS_CHANGED: &str = "a DNS answer changed";
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -134,86 +132,12 @@ fn compile(
     previous: Option<&Snapshot>,
     revision: u64,
 ) -> Result<Snapshot, Vec<ConfigError>> {
-    discover(res, &gateway.dns, warnings).map_err(|e| vec![e])?;
+    discovery::fill(res, &gateway.dns, warnings).map_err(|e| vec![e])?;
     turnpike_config::compile(res, registry(), previous, revision)
 }
 
-/// The DNS resolver of `discovery_type: dns` upstreams, made when first
-/// needed with the `gateway.dns` of that moment (a change applies on
-/// restart, like the other node settings).
-static DNS: std::sync::OnceLock<Arc<Dns>> = std::sync::OnceLock::new();
-
-/// The serving gateway's reloader, for DNS changes to reach.
+/// The serving gateway's reloader, for discovery changes to reach.
 static RELOADER: std::sync::OnceLock<std::sync::Weak<Reloader>> = std::sync::OnceLock::new();
-
-/// Fills the nodes of `discovery_type: dns` upstreams with what DNS says
-/// now, watching names not seen before (and waiting a few seconds for
-/// their first answer, so the gateway starts with its nodes).
-fn discover(
-    res: &mut turnpike_config::Resources,
-    settings: &turnpike_config::Dns,
-    warnings: &mut Vec<String>,
-) -> Result<(), ConfigError> {
-    let upstreams = res
-        .upstreams
-        .iter_mut()
-        .chain(res.routes.iter_mut().filter_map(|r| r.upstream.as_mut()))
-        .chain(res.services.iter_mut().filter_map(|s| s.upstream.as_mut()))
-        .filter(|u| u.discovery_type.as_deref() == Some("dns"));
-    let upstreams: Vec<&mut turnpike_config::model::Upstream> = upstreams.collect();
-    if upstreams.is_empty() {
-        if let Some(dns) = DNS.get() {
-            // No name is wanted any more: their watchers stop.
-            dns.watch(&[], std::time::Duration::ZERO);
-        }
-        return Ok(());
-    }
-    let dns = match DNS.get() {
-        Some(d) => d,
-        None => {
-            let dns = Dns::new(&settings.nameservers)
-                .map_err(|e| ConfigError::new("gateway", "dns", e.to_string()))?;
-            // A changed answer reloads, once the gateway serves.
-            dns.on_change(|| {
-                if let Some(r) = RELOADER.get().and_then(std::sync::Weak::upgrade) {
-                    std::thread::spawn(move || r.reload(DNS_CHANGED));
-                }
-            });
-            DNS.get_or_init(|| dns)
-        }
-    };
-    let names: Vec<String> = upstreams
-        .iter()
-        .filter_map(|u| u.service_name.clone())
-        .collect();
-    dns.watch(&names, std::time::Duration::from_secs(5));
-    for u in upstreams {
-        let name = u.service_name.as_deref().unwrap_or_default();
-        if u.nodes.is_some() {
-            warnings.push(format!(
-                "service_name `{name}`: `nodes` is ignored with `discovery_type: dns`"
-            ));
-        }
-        let found = dns.nodes(name).unwrap_or_else(|| {
-            warnings.push(format!(
-                "service_name `{name}`: no DNS answer yet; no nodes (requests get 503) until DNS answers"
-            ));
-            Vec::new()
-        });
-        let nodes = found
-            .into_iter()
-            .map(|n| turnpike_config::model::Node {
-                host: n.host,
-                port: Some(n.port),
-                weight: n.weight,
-                priority: n.priority,
-                metadata: None,
-            })
-            .collect();
-        u.nodes = Some(turnpike_config::model::Nodes::List(nodes));
-    }
-    Ok(())
-}
 
 /// Node settings this build cannot honour are refused, not ignored.
 fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
@@ -354,6 +278,8 @@ fn first_from_store(store: &Store, gateway: &Gateway) -> std::io::Result<Snapsho
 }
 
 async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std::io::Result<()> {
+    let registry = source::registry(&file.gateway).await?;
+    discovery::set_registry(registry.clone());
     let store = source::open(&file, path)
         .await
         .map_err(std::io::Error::other)?;
@@ -381,8 +307,9 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
         shared.clone(),
     )?;
     let status = serve_status(&gateway.status.listen, shared.clone()).await?;
-    admin::start(&gateway, store.as_ref(), &file_view, &shared).await?;
+    admin::start(&gateway, store.as_ref(), &file_view, &shared, &registry).await?;
     let _store_health = store.as_ref().and_then(source::watch_health);
+    let _registry_health = source::registry_health(&registry);
     let from = store
         .as_ref()
         .map_or_else(|| path.display().to_string(), |s| s.describe());
@@ -398,6 +325,12 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
         file_view,
     });
     let _ = RELOADER.set(Arc::downgrade(&reloader));
+    discovery::on_change(|| {
+        if let Some(r) = RELOADER.get().and_then(std::sync::Weak::upgrade) {
+            r.reload(discovery::CHANGED);
+        }
+    });
+    discovery::refresh();
     let _watch = match &store {
         None => {
             let on_change = reloader.clone();
@@ -473,7 +406,7 @@ impl Reloader {
         // panicked; reloading is still safe because a snapshot is swapped in
         // whole or not at all.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let forced = why == "SIGHUP" || why == DNS_CHANGED;
+        let forced = why == "SIGHUP" || why == discovery::CHANGED;
         let previous = self.shared.snapshot.load_full();
         let started = std::time::Instant::now();
         let loaded = match &self.store {

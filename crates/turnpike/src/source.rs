@@ -8,7 +8,8 @@ use std::sync::Arc;
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
 use turnpike_plugin::deps::{self, Dependency, Reachability};
 use turnpike_store::{
-    file_state, resource_lists, values, Embedded, Etcd, EtcdSettings, Expect, State, Store, Write,
+    file_state, resource_lists, sweep_local, values, Embedded, Etcd, EtcdSettings, Expect,
+    Registry, State, Store, Write,
 };
 
 /// Opens the store the settings name (none for `file`). An empty embedded
@@ -109,6 +110,63 @@ pub fn validator(shared: Arc<turnpike_proxy::Shared>) -> turnpike_admin::Validat
             .map(drop)
             .map_err(to_strings)
     })
+}
+
+/// The service registry: in Redis when `gateway.redis` is set (waiting a
+/// few seconds for a first read), else in this process (and, with the
+/// embedded store, saved in `data_dir`).
+pub async fn registry(g: &Gateway) -> std::io::Result<Arc<Registry>> {
+    let Some(redis) = &g.redis else {
+        // With the embedded store, registrations are kept beside it.
+        let dir = (g.config_provider == Provider::Embedded).then(|| Path::new(&g.data_dir));
+        let registry = Registry::local(dir)
+            .map_err(|e| std::io::Error::other(format!("gateway.data_dir: {e}")))?;
+        tokio::spawn(sweep_local(Arc::downgrade(&registry)));
+        return Ok(registry);
+    };
+    let registry = Registry::redis(&redis.url).map_err(std::io::Error::other)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !registry.up() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if !registry.up() {
+        tracing::warn!(
+            "registry: Redis {} does not answer yet; registered instances appear once it does",
+            registry.address()
+        );
+    }
+    Ok(registry)
+}
+
+/// A shared registry as `/gateway/health` lists it.
+struct RegistryHealth(Arc<Registry>);
+
+impl Dependency for RegistryHealth {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn address(&self) -> String {
+        format!("{} (service registry)", self.0.address())
+    }
+
+    fn reachability(&self) -> Reachability {
+        if self.0.up() {
+            Reachability::Up
+        } else {
+            Reachability::Down
+        }
+    }
+}
+
+/// Lists a shared registry among the dependencies while the handle lives.
+pub fn registry_health(registry: &Arc<Registry>) -> Option<Arc<dyn Dependency>> {
+    if !registry.is_shared() {
+        return None;
+    }
+    let dep: Arc<dyn Dependency> = Arc::new(RegistryHealth(registry.clone()));
+    deps::register(&dep);
+    Some(dep)
 }
 
 /// The etcd store as `/gateway/health` lists it.

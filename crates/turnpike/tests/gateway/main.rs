@@ -7,6 +7,7 @@ mod services;
 mod admin;
 mod cluster;
 mod openapi;
+mod registry;
 
 mod balancing;
 mod health;
