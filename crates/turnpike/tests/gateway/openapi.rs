@@ -244,6 +244,36 @@ async fn the_admin_api_matches_its_openapi_document() {
             200,
         ),
         (Method::DELETE, "/apisix/admin/routes/r1", None, &key, 404),
+        (
+            Method::PUT,
+            "/turnpike/registry/users/a",
+            Some(json!({"address": "127.0.0.1", "port": 8080, "ttl": 30})),
+            &key,
+            200,
+        ),
+        (
+            Method::PUT,
+            "/turnpike/registry/users/b",
+            Some(json!({"address": "127.0.0.1"})),
+            &key,
+            400,
+        ),
+        (Method::GET, "/turnpike/registry", None, &key, 200),
+        (Method::GET, "/turnpike/registry/users", None, &key, 200),
+        (
+            Method::DELETE,
+            "/turnpike/registry/users/a",
+            None,
+            &key,
+            200,
+        ),
+        (
+            Method::DELETE,
+            "/turnpike/registry/users/a",
+            None,
+            &key,
+            404,
+        ),
     ];
     let mut covered = BTreeSet::new();
     let mut problems = Vec::new();
