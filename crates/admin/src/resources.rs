@@ -11,18 +11,7 @@ use turnpike_store::{values, Expect, Item, State, StoreError, Write};
 use crate::mask::{masked, redact, secrets, unmask};
 use crate::{Admin, Answer, Call};
 
-/// Resource kinds and the singular their messages use.
-const KINDS: [(&str, &str); 9] = [
-    ("routes", "route"),
-    ("services", "service"),
-    ("upstreams", "upstream"),
-    ("consumers", "consumer"),
-    ("consumer_groups", "consumer group"),
-    ("plugin_configs", "plugin config"),
-    ("global_rules", "global rule"),
-    ("ssls", "ssl"),
-    ("plugin_metadata", "plugin metadata"),
-];
+use turnpike_config::KINDS;
 
 /// Tries a write again when another node changed a key meanwhile.
 const ATTEMPTS: usize = 3;

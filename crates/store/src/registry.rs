@@ -194,16 +194,15 @@ impl Registry {
             .collect()
     }
 
+    /// The services this node knows of.
+    fn names(&self) -> Vec<String> {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.keys().cloned().collect()
+    }
+
     /// Every service with its live instances.
     pub fn all(&self) -> BTreeMap<String, Vec<Instance>> {
-        let names: Vec<String> = self
-            .services
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        names
+        self.names()
             .into_iter()
             .map(|s| {
                 let live = self.instances(&s);
@@ -428,13 +427,7 @@ impl Registry {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.down(e))?;
-        let known: Vec<String> = self
-            .services
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let known = self.names();
         for service in names
             .iter()
             .chain(known.iter().filter(|k| !names.contains(k)))

@@ -138,56 +138,49 @@ pub async fn registry(g: &Gateway) -> std::io::Result<Arc<Registry>> {
     Ok(registry)
 }
 
-/// A shared registry as `/gateway/health` lists it.
-struct RegistryHealth(Arc<Registry>);
-
-impl Dependency for RegistryHealth {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-
-    fn address(&self) -> String {
-        format!("{} (service registry)", self.0.address())
-    }
-
-    fn reachability(&self) -> Reachability {
-        if self.0.up() {
-            Reachability::Up
-        } else {
-            Reachability::Down
-        }
-    }
-}
-
 /// Lists a shared registry among the dependencies while the handle lives.
 pub fn registry_health(registry: &Arc<Registry>) -> Option<Arc<dyn Dependency>> {
     if !registry.is_shared() {
         return None;
     }
-    let dep: Arc<dyn Dependency> = Arc::new(RegistryHealth(registry.clone()));
-    deps::register(&dep);
-    Some(dep)
+    let r = registry.clone();
+    Some(listed(Health {
+        kind: "redis",
+        address: format!("{} (service registry)", registry.address()),
+        up: Box::new(move || r.up()),
+    }))
 }
 
-/// The etcd store as `/gateway/health` lists it.
-pub struct StoreHealth(pub Arc<Store>);
+/// A store or registry as `/gateway/health` lists it.
+struct Health {
+    kind: &'static str,
+    address: String,
+    up: Box<dyn Fn() -> bool + Send + Sync>,
+}
 
-impl Dependency for StoreHealth {
+impl Dependency for Health {
     fn kind(&self) -> &'static str {
-        "etcd"
+        self.kind
     }
 
     fn address(&self) -> String {
-        self.0.describe().trim_start_matches("etcd ").to_owned()
+        self.address.clone()
     }
 
     fn reachability(&self) -> Reachability {
-        if self.0.up() {
+        if (self.up)() {
             Reachability::Up
         } else {
             Reachability::Down
         }
     }
+}
+
+/// Lists `health` among the dependencies while the returned handle lives.
+fn listed(health: Health) -> Arc<dyn Dependency> {
+    let dep: Arc<dyn Dependency> = Arc::new(health);
+    deps::register(&dep);
+    dep
 }
 
 /// Lists an etcd store among the dependencies while the returned handle lives.
@@ -195,7 +188,10 @@ pub fn watch_health(store: &Arc<Store>) -> Option<Arc<dyn Dependency>> {
     if !matches!(**store, Store::Etcd(_)) {
         return None;
     }
-    let dep: Arc<dyn Dependency> = Arc::new(StoreHealth(store.clone()));
-    deps::register(&dep);
-    Some(dep)
+    let s = store.clone();
+    Some(listed(Health {
+        kind: "etcd",
+        address: store.describe().trim_start_matches("etcd ").to_owned(),
+        up: Box::new(move || s.up()),
+    }))
 }

@@ -2,8 +2,6 @@
 //! node's Admin API, or written into etcd as APISIX writes them, reach
 //! every node by watch; etcd may go away without traffic failing.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -130,32 +128,8 @@ async fn etcd_down_for_10s_under_load_fails_no_request() {
     for n in &nodes {
         n.serves("/steady", 200, Some("ok")).await;
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for n in &nodes {
-        let (url, stop, sent, failed) = (
-            n.gw.url("/steady"),
-            stop.clone(),
-            sent.clone(),
-            failed.clone(),
-        );
-        load.push(tokio::spawn(async move {
-            let client = client();
-            while !stop.load(Ordering::Relaxed) {
-                let req = http::Request::get(&url)
-                    .body(full(bytes::Bytes::new()))
-                    .unwrap();
-                let ok = send(&client, req)
-                    .await
-                    .is_ok_and(|r| r.status == 200 && r.body == "ok");
-                sent.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let urls = nodes.iter().map(|n| n.gw.url("/steady")).collect();
+    let load = Load::start(urls, |r| r.status == 200 && r.body == "ok");
     tokio::time::sleep(Duration::from_millis(300)).await;
     etcd.stop();
     // Both nodes say the store is down, and stay ready.
@@ -190,11 +164,7 @@ async fn etcd_down_for_10s_under_load_fails_no_request() {
         n.serves("/after", 200, Some("after")).await;
         assert_eq!(health(n).await["dependencies"][0]["state"], "up");
     }
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     assert!(sent > 1000, "only {sent} requests were sent");
     assert_eq!(
         failed, 0,

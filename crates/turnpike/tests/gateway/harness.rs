@@ -561,3 +561,55 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
         .await
         .unwrap()
 }
+
+/// GETs sent in a loop (one task per URL) until [`Load::finish`], counting
+/// answers that are not `good`.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(urls: Vec<String>, good: fn(&Reply) -> bool) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = urls
+            .into_iter()
+            .map(|url| {
+                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let req = Request::get(&url).body(full(Bytes::new())).unwrap();
+                        let answer = send(&client, req).await;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if !answer.as_ref().is_ok_and(good) {
+                            eprintln!("failed under load: {answer:?}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Stops; returns (sent, failed).
+    pub async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}

@@ -1,7 +1,5 @@
 //! Live reloads of the config file.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::*;
@@ -25,27 +23,7 @@ fn routes(nodes: &[&str], extra: usize) -> String {
 async fn reload_under_load_fails_no_request() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let gw = Gateway::start(&routes(&[&a.node()], 0)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..8 {
-        let (url, stop, ok, failed) = (gw.url("/load"), stop.clone(), ok.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            let client = client();
-            while !stop.load(Ordering::Relaxed) {
-                let req = http::Request::get(&url)
-                    .body(full(bytes::Bytes::new()))
-                    .unwrap();
-                match send(&client, req).await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("failed during reload: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = Load::start(vec![gw.url("/load"); 8], |r| r.status == 200);
     // Alternate between configs: one node, the other, both, with more routes.
     let versions = [
         routes(&[&b.node()], 5),
@@ -57,15 +35,9 @@ async fn reload_under_load_fails_no_request() {
         gw.wait_log("configuration reloaded", i + 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
-    assert!(
-        ok.load(Ordering::Relaxed) > 100,
-        "too little traffic to prove anything"
-    );
-    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    let (sent, failed) = load.finish().await;
+    assert!(sent > 100, "too little traffic to prove anything");
+    assert_eq!(failed, 0);
     assert!(a.hits() > 0 && b.hits() > 0, "traffic followed the reloads");
 }
 
