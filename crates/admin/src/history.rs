@@ -9,7 +9,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 use turnpike_store::{writes_to, Commit, StoreError};
 
-use crate::mask::masked;
+use crate::mask::{masked, redact, secrets};
 use crate::{Admin, Answer, Call};
 
 /// Commits listed when the client does not say.
@@ -45,6 +45,7 @@ fn failed(e: StoreError) -> Answer {
         StoreError::Compacted(_) => Answer::error(StatusCode::GONE, e.to_string()),
         StoreError::Conflict(_) => Answer::error(StatusCode::CONFLICT, e.to_string()),
         StoreError::Unavailable(_) => Answer::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        StoreError::Refused(_) => Answer::error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
@@ -140,15 +141,22 @@ async fn rollback(
     }
     let target = store.values_at(revision).await.map_err(failed)?;
     if let Err(errors) = admin.check(target.clone()).await {
+        let hidden: Vec<String> = target
+            .values()
+            .flat_map(|v| secrets(admin.plugins, v))
+            .collect();
+        let why = format!(
+            "the configuration at revision {revision} does not compile now: {}",
+            errors.join("; ")
+        );
         return Err(Answer::error(
             StatusCode::BAD_REQUEST,
-            format!(
-                "the configuration at revision {revision} does not compile now: {}",
-                errors.join("; ")
-            ),
+            redact(&why, &hidden),
         ));
     }
-    let writes = writes_to(&current, &target);
+    // Kinds this build does not read (`stream_routes`, …) stay as they are.
+    let mut writes = writes_to(&current, &target);
+    writes.retain(|w| turnpike_config::known_kind(&w.key));
     if writes.is_empty() {
         return Ok(Answer::ok(
             json!({"revision": current.revision, "rolled_back_to": revision, "changed": []}),

@@ -111,10 +111,14 @@ pub async fn serve(addr: &str, admin: Admin) -> std::io::Result<SocketAddr> {
     })?;
     let bound = listener.local_addr()?;
     let limit = admin.settings.body_limit;
+    let admin = Arc::new(admin);
     let app = axum::Router::new()
         .fallback(handle)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(Arc::new(admin));
+        // Before the body is read: a client without a key, or from outside
+        // allow_admin, makes the gateway hold nothing.
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), guard))
+        .with_state(admin);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, service).await {
@@ -155,40 +159,49 @@ pub(crate) struct Call<'a> {
     pub actor: String,
 }
 
-async fn handle(
+/// Checks the client's address and key before anything else, and hands
+/// the key on to [`handle`].
+async fn guard(
     Extract(admin): Extract<Arc<Admin>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = peer.ip().to_canonical();
+    if !admin.settings.allow.is_empty() && !admin.settings.allow.iter().any(|n| n.contains(&ip)) {
+        let why = format!("{ip} is not allowed (gateway.admin.allow_admin)");
+        return Answer::error(StatusCode::FORBIDDEN, why).into_response();
+    }
+    let query: BTreeMap<String, String> = req.uri().query().map(query_pairs).unwrap_or_default();
+    let offered = req
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or(query.get("api_key").map(String::as_str));
+    let Some(key) = admin.authorize(offered).cloned() else {
+        return Answer::error(StatusCode::UNAUTHORIZED, "failed to check token").into_response();
+    };
+    if key.viewer && req.method() != Method::GET {
+        let why = "this key only reads (role: viewer)";
+        return Answer::error(StatusCode::UNAUTHORIZED, why).into_response();
+    }
+    req.extensions_mut().insert(key);
+    next.run(req).await
+}
+
+async fn handle(
+    Extract(admin): Extract<Arc<Admin>>,
+    axum::Extension(key): axum::Extension<Key>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Answer {
-    let ip = peer.ip().to_canonical();
-    if !admin.settings.allow.is_empty() && !admin.settings.allow.iter().any(|n| n.contains(&ip)) {
-        return Answer::error(
-            StatusCode::FORBIDDEN,
-            format!("{ip} is not allowed (gateway.admin.allow_admin)"),
-        );
-    }
     let query: BTreeMap<String, String> = uri.query().map(query_pairs).unwrap_or_default();
-    let offered = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or(query.get("api_key").map(String::as_str));
-    let key = match admin.authorize(offered) {
-        Some(k) => k,
-        None => return Answer::error(StatusCode::UNAUTHORIZED, "failed to check token"),
-    };
     let body = match body {
         Ok(b) => b,
         Err(e) => return Answer::error(e.status(), e.body_text()),
     };
-    if key.viewer && method != Method::GET {
-        return Answer::error(
-            StatusCode::UNAUTHORIZED,
-            "this key only reads (role: viewer)",
-        );
-    }
     let call = Call {
         method: &method,
         path: uri.path(),

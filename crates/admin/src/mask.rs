@@ -10,9 +10,25 @@ use turnpike_plugin::Registry;
 /// What a secret reads as.
 pub(crate) const MASK: &str = "******";
 
-/// Calls `f` with each secret string field in `value`'s plugins, as
-/// (plugin, field, value).
-fn each_secret(registry: &Registry, value: &mut Value, mut f: impl FnMut(&str, &str, &mut Value)) {
+/// Calls `f` with each secret string field in `value`, by JSON pointer:
+/// the secret fields of its plugins, and an SSL's private keys.
+fn each_secret(registry: &Registry, value: &mut Value, mut f: impl FnMut(&str, &mut Value)) {
+    if value.get("cert").is_some() || value.get("certs").is_some() {
+        if let Some(key) = value.get_mut("key").filter(|k| k.is_string()) {
+            f("/key", key);
+        }
+        for (i, key) in value
+            .get_mut("keys")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if key.is_string() {
+                f(&format!("/keys/{i}"), key);
+            }
+        }
+    }
     let Some(plugins) = value.get_mut("plugins").and_then(Value::as_object_mut) else {
         return;
     };
@@ -23,7 +39,13 @@ fn each_secret(registry: &Registry, value: &mut Value, mut f: impl FnMut(&str, &
         };
         for (field, v) in config.iter_mut() {
             if v.is_string() && secrets.contains(&field.as_str()) {
-                f(name, field, v);
+                f(
+                    &format!(
+                        "/plugins/{}/{field}",
+                        name.replace('~', "~0").replace('/', "~1")
+                    ),
+                    v,
+                );
             }
         }
     }
@@ -32,16 +54,16 @@ fn each_secret(registry: &Registry, value: &mut Value, mut f: impl FnMut(&str, &
 /// The value as a read shows it.
 pub(crate) fn masked(registry: &Registry, value: &Value) -> Value {
     let mut value = value.clone();
-    each_secret(registry, &mut value, |_, _, v| *v = MASK.into());
+    each_secret(registry, &mut value, |_, v| *v = MASK.into());
     value
 }
 
 /// A written value whose secrets read as the mask takes them from what is
 /// stored: a client may send back what it read.
 pub(crate) fn unmask(registry: &Registry, value: &mut Value, stored: Option<&Value>) {
-    each_secret(registry, value, |plugin, field, v| {
+    each_secret(registry, value, |pointer, v| {
         if v.as_str() == Some(MASK) {
-            if let Some(old) = stored.and_then(|s| s["plugins"][plugin].get(field)) {
+            if let Some(old) = stored.and_then(|s| s.pointer(pointer)) {
                 *v = old.clone();
             }
         }
@@ -52,7 +74,7 @@ pub(crate) fn unmask(registry: &Registry, value: &mut Value, stored: Option<&Val
 pub(crate) fn secrets(registry: &Registry, value: &Value) -> Vec<String> {
     let mut value = value.clone();
     let mut found = Vec::new();
-    each_secret(registry, &mut value, |_, _, v| {
+    each_secret(registry, &mut value, |_, v| {
         if let Some(s) = v.as_str().filter(|s| !s.is_empty()) {
             found.push(s.to_owned());
         }
@@ -78,6 +100,21 @@ pub(crate) fn redact(message: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssl_keys_are_masked_and_kept() {
+        let registry = Registry::new(Vec::new());
+        let stored = serde_json::json!({"cert": "C", "key": "PRIVATE", "keys": ["K2"]});
+        let shown = masked(&registry, &stored);
+        assert_eq!(
+            shown,
+            serde_json::json!({"cert": "C", "key": MASK, "keys": [MASK]})
+        );
+        let mut back = shown.clone();
+        unmask(&registry, &mut back, Some(&stored));
+        assert_eq!(back, stored);
+        assert_eq!(secrets(&registry, &stored), ["PRIVATE", "K2"]);
+    }
 
     #[test]
     fn redaction_spares_words_that_hold_a_short_secret() {

@@ -205,6 +205,9 @@ async fn write(admin: &Admin, call: &Call<'_>, target: &Target, op: Op) -> Answe
             Err(e @ StoreError::Unavailable(_)) => {
                 return Answer::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
+            Err(e @ StoreError::Refused(_)) => {
+                return Answer::error(StatusCode::BAD_REQUEST, e.to_string())
+            }
             Err(e) => return Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }

@@ -25,6 +25,13 @@ pub const KINDS: [(&str, &str); 9] = [
     ("plugin_metadata", "plugin metadata"),
 ];
 
+/// Whether a store key (`routes/1`) names a kind this build reads; others
+/// (APISIX's `stream_routes`, `protos`, …) are left alone.
+pub fn known_kind(key: &str) -> bool {
+    let kind = key.split('/').next().unwrap_or_default();
+    KINDS.iter().any(|k| k.0 == kind)
+}
+
 /// The resources of one configuration, as written.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {

@@ -47,6 +47,9 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Shutdown has begun (for `/readyz`).
     pub draining: AtomicBool,
+    /// Why the gateway serves no configuration yet (for `/readyz`): the
+    /// stored one does not compile.
+    pub unready: std::sync::Mutex<Option<String>>,
     /// `gateway.client_body_timeout`.
     pub client_body_timeout: Duration,
 }
@@ -56,6 +59,7 @@ impl Shared {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
+            unready: std::sync::Mutex::new(None),
             client_body_timeout,
         })
     }

@@ -84,11 +84,19 @@ fn answer(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         "/readyz" => {
             // A Shared always holds a loaded snapshot (the process does not
             // start without one), so only a drain makes the gateway unready.
+            let unready = shared
+                .unready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if shared.draining.load(Ordering::Acquire) {
                 json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "{\"status\":\"not ready\",\"reason\":\"draining\"}".into(),
                 )
+            } else if let Some(reason) = unready {
+                let body = serde_json::json!({"status": "not ready", "reason": reason});
+                json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
             } else {
                 // A config store that is down is reported, but leaves the
                 // node ready: it serves its last configuration, and taking

@@ -92,16 +92,33 @@ impl Embedded {
             .map_err(fail)?
     }
 
-    pub fn history(&self, limit: usize, before: Option<u64>) -> Result<Vec<Commit>, StoreError> {
-        self.inner.history(limit, before)
+    pub async fn history(
+        &self,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<Commit>, StoreError> {
+        self.blocking(move |inner| inner.history(limit, before))
+            .await
     }
 
-    pub fn commit_at(&self, revision: u64) -> Result<Option<Commit>, StoreError> {
-        self.inner.commit_at(revision)
+    pub async fn commit_at(&self, revision: u64) -> Result<Option<Commit>, StoreError> {
+        self.blocking(move |inner| inner.commit_at(revision)).await
     }
 
-    pub fn values_at(&self, revision: u64) -> Result<BTreeMap<String, Value>, StoreError> {
-        self.inner.values_at(revision)
+    pub async fn values_at(&self, revision: u64) -> Result<BTreeMap<String, Value>, StoreError> {
+        self.blocking(move |inner| inner.values_at(revision)).await
+    }
+
+    /// Runs a read of the file off the async threads: reading back many
+    /// revisions takes a while.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || read(&inner))
+            .await
+            .map_err(fail)?
     }
 }
 
@@ -184,7 +201,9 @@ impl Inner {
             .first()
             .map_err(fail)?
             .map_or(current.revision + 1, |(k, _)| k.value());
-        if revision > current.revision || (revision + 1 < oldest && revision != 0) {
+        // Revisions before the oldest kept cannot be rebuilt (0 included,
+        // once the first commits are gone).
+        if revision > current.revision || revision + 1 < oldest {
             return Err(StoreError::Compacted(revision));
         }
         for entry in history.range(revision + 1..).map_err(fail)?.rev() {
@@ -262,15 +281,21 @@ mod tests {
         let state = s.state();
         assert_eq!(state.revision, 3);
         assert!(state.items.is_empty());
-        let history = s.history(10, None).unwrap();
+        let history = s.history(10, None).await.unwrap();
         let revs: Vec<u64> = history.iter().map(|c| c.revision).collect();
         assert_eq!(revs, vec![3, 2, 1]);
         assert_eq!(history[0].actor, "ci");
-        assert_eq!(s.values_at(1).unwrap()["routes/1"], json!({"uri": "/a"}));
-        assert_eq!(s.values_at(2).unwrap()["routes/1"], json!({"uri": "/b"}));
-        assert!(s.values_at(0).unwrap().is_empty());
-        assert_eq!(s.values_at(9), Err(StoreError::Compacted(9)));
-        let c = s.commit_at(2).unwrap().unwrap();
+        assert_eq!(
+            s.values_at(1).await.unwrap()["routes/1"],
+            json!({"uri": "/a"})
+        );
+        assert_eq!(
+            s.values_at(2).await.unwrap()["routes/1"],
+            json!({"uri": "/b"})
+        );
+        assert!(s.values_at(0).await.unwrap().is_empty());
+        assert_eq!(s.values_at(9).await, Err(StoreError::Compacted(9)));
+        let c = s.commit_at(2).await.unwrap().unwrap();
         assert_eq!(c.changes[0].before, Some(json!({"uri": "/a"})));
         let _ = std::fs::remove_dir_all(&d);
     }

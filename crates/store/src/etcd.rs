@@ -9,19 +9,27 @@
 //! again, listed afresh and watched from there: no update is missed and
 //! the node keeps serving its last state meanwhile.
 //!
-//! Commits are one transaction: the resources' compare-and-set, their
-//! puts and deletes, and a history record under `{prefix}/turnpike/history/`
-//! whose revision is the commit's.
+//! Commits are one transaction: the resources' compare-and-set, a
+//! compare-and-set on a guard key every Admin API commit writes (so two
+//! nodes never both commit against the same state: a write that relied on
+//! a resource another node just deleted is checked again), their puts and
+//! deletes, and a history record whose revision is the commit's. History
+//! lives under `{prefix}-turnpike/history/`, outside the watched range, so
+//! it never weighs on a list or the watch.
+//!
+//! A watch that goes quiet is probed: every [`PROBE`] the node asks etcd
+//! for its status, and a probe that fails ends the watch, as a broken
+//! stream does.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -30,9 +38,14 @@ use tokio::sync::watch;
 
 use crate::{now, Change, Commit, Expect, Item, State, StoreError, Write};
 
-/// Where history records live, under the prefix. Not a resource kind, so
-/// APISIX nodes sharing the etcd ignore it.
-const HISTORY: &str = "turnpike/history/";
+/// The guard key, under the prefix (watched, never a resource).
+const GUARD: &str = "turnpike/guard";
+
+/// How often a watching node checks that etcd still answers.
+const PROBE: Duration = Duration::from_secs(2);
+
+/// A watch message larger than this is refused (and the watch restarted).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Wait between attempts while etcd does not answer.
 const RETRY: Duration = Duration::from_millis(500);
@@ -59,6 +72,8 @@ struct Inner {
     mirror: ArcSwap<State>,
     changes: watch::Sender<u64>,
     up: AtomicBool,
+    /// The guard key's mod_revision as last seen (0: never written).
+    guard: AtomicU64,
 }
 
 impl Etcd {
@@ -104,7 +119,10 @@ impl Etcd {
     pub async fn commit(&self, writes: Vec<Write>, actor: &str) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let current = self.state();
-        let mut compare = Vec::new();
+        let guard = inner.guard.load(Ordering::Acquire);
+        let mut compare = vec![
+            json!({"key": inner.key(GUARD), "target": "MOD", "result": "EQUAL", "mod_revision": guard.to_string()}),
+        ];
         let mut success = Vec::new();
         let mut changes = Vec::new();
         for w in &writes {
@@ -139,15 +157,33 @@ impl Etcd {
         );
         let record =
             serde_json::to_string(&record).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        success.push(json!({"request_put": {"key": inner.key(&format!("{HISTORY}{id}")), "value": B64.encode(record)}}));
-        let answer = inner
-            .call(
-                "/v3/kv/txn",
-                json!({"compare": compare, "success": success}),
-            )
-            .await?;
+        let record_key = B64.encode(format!("{}{id}", inner.history_prefix()));
+        success.push(json!({"request_put": {"key": record_key, "value": B64.encode(record)}}));
+        success.push(json!({"request_put": {"key": inner.key(GUARD), "value": B64.encode(&id)}}));
+        let txn = json!({"compare": compare, "success": success});
+        let answer = match inner.call_once("/v3/kv/txn", &txn).await {
+            Ok(answer) => answer,
+            Err(e @ StoreError::Refused(_)) => return Err(e),
+            // Sent, but no answer: whether it applied is in the record.
+            Err(e) => return inner.applied(&record_key, e).await,
+        };
         if answer.get("succeeded") != Some(&Value::Bool(true)) {
-            let key = writes.first().map_or_else(String::new, |w| w.key.clone());
+            // Someone else committed: wait (briefly) for their change to
+            // arrive, so the caller checks again against it.
+            let mut seen = self.changes();
+            let _ = tokio::time::timeout(
+                inner.settings.timeout,
+                seen.wait_for(|r| *r > current.revision),
+            )
+            .await;
+            let key = writes
+                .iter()
+                .find(|w| {
+                    let now = self.state();
+                    let was = current.items.get(&w.key).map(|i| i.modified);
+                    now.items.get(&w.key).map(|i| i.modified) != was
+                })
+                .map_or_else(|| "the configuration".to_owned(), |w| w.key.clone());
             return Err(StoreError::Conflict(key));
         }
         let revision = revision_of(&answer);
@@ -167,17 +203,19 @@ impl Etcd {
         limit: usize,
         before: Option<u64>,
     ) -> Result<Vec<Commit>, StoreError> {
-        let mut all = self.inner.records().await?;
-        all.retain(|c| before.is_none_or(|b| c.revision < b));
-        all.truncate(limit);
-        Ok(all)
+        self.inner
+            .records(limit, None, before.map(|b| b.saturating_sub(1)))
+            .await
     }
 
     /// The commit's record; for a revision written to etcd directly, the
     /// difference between the states before and after it.
     pub async fn commit_at(&self, revision: u64) -> Result<Option<Commit>, StoreError> {
-        let records = self.inner.records().await?;
-        if let Some(c) = records.into_iter().find(|c| c.revision == revision) {
+        let records = self
+            .inner
+            .records(1, Some(revision), Some(revision))
+            .await?;
+        if let Some(c) = records.into_iter().next() {
             return Ok(Some(c));
         }
         if revision == 0 || revision > self.state().revision {
@@ -215,13 +253,35 @@ impl Etcd {
 impl Inner {
     fn new(mut settings: EtcdSettings) -> Inner {
         settings.prefix = settings.prefix.trim_end_matches('/').to_owned();
+        let mut connector = HttpConnector::new();
+        // A peer gone without a word (power lost) is found by keepalive.
+        connector.set_keepalive(Some(Duration::from_secs(10)));
+        connector.set_connect_timeout(Some(settings.timeout));
         Inner {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
             endpoint: AtomicUsize::new(0),
             mirror: ArcSwap::from_pointee(State::default()),
             changes: watch::channel(0).0,
             up: AtomicBool::new(false),
+            guard: AtomicU64::new(0),
             settings,
+        }
+    }
+
+    fn history_prefix(&self) -> String {
+        format!("{}-turnpike/history/", self.settings.prefix)
+    }
+
+    /// After a transaction got no answer: applied if its history record
+    /// exists; else (or if etcd cannot say) the original error.
+    async fn applied(&self, record_key: &str, error: StoreError) -> Result<u64, StoreError> {
+        let answer = self.call("/v3/kv/range", json!({"key": record_key})).await;
+        match answer.as_ref().map(|a| &a["kvs"][0]["mod_revision"]) {
+            Ok(Value::Null) => Err(error),
+            Ok(found) => Ok(number(found)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{error}; whether the write was applied is unknown: read it back"
+            ))),
         }
     }
 
@@ -266,12 +326,25 @@ impl Inner {
             revision: revision_of(&answer),
             items: BTreeMap::new(),
         };
+        let mut guard = 0;
         for kv in answer["kvs"].as_array().into_iter().flatten() {
-            if let Some((key, item)) = self.item(kv) {
+            let key = decode(&kv["key"]).unwrap_or_default();
+            if self.is_guard(&key) {
+                guard = number(&kv["mod_revision"]);
+            } else if let Some((key, item)) = self.item(kv) {
                 state.items.insert(key, item);
             }
         }
+        if revision.is_none() {
+            self.guard.store(guard, Ordering::Release);
+        }
         Ok(state)
+    }
+
+    fn is_guard(&self, key: &str) -> bool {
+        key.strip_prefix(&self.settings.prefix)
+            .and_then(|k| k.strip_prefix('/'))
+            == Some(GUARD)
     }
 
     fn item(&self, kv: &Value) -> Option<(String, Item)> {
@@ -289,10 +362,23 @@ impl Inner {
         Some((relative, item))
     }
 
-    /// History records, newest first.
-    async fn records(&self) -> Result<Vec<Commit>, StoreError> {
-        let prefix = format!("{}/{HISTORY}", self.settings.prefix);
-        let body = json!({"key": B64.encode(&prefix), "range_end": B64.encode(range_end(&prefix)), "sort_order": "DESCEND", "sort_target": "KEY"});
+    /// History records, newest first, at most `limit`, with revisions
+    /// between `min` and `max`.
+    async fn records(
+        &self,
+        limit: usize,
+        min: Option<u64>,
+        max: Option<u64>,
+    ) -> Result<Vec<Commit>, StoreError> {
+        let prefix = self.history_prefix();
+        let mut body = json!({"key": B64.encode(&prefix), "range_end": B64.encode(range_end(&prefix)),
+            "sort_order": "DESCEND", "sort_target": "MOD", "limit": limit.to_string()});
+        if let Some(min) = min {
+            body["min_mod_revision"] = min.to_string().into();
+        }
+        if let Some(max) = max {
+            body["max_mod_revision"] = max.to_string().into();
+        }
         let answer = self.call("/v3/kv/range", body).await?;
         let mut out = Vec::new();
         for kv in answer["kvs"].as_array().into_iter().flatten() {
@@ -308,54 +394,82 @@ impl Inner {
         Ok(out)
     }
 
-    /// One request to the first endpoint that answers.
+    /// One request to the first endpoint that answers (reads: safe to
+    /// send again elsewhere).
     async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
         let endpoints = &self.settings.endpoints;
         let first = self.endpoint.load(Ordering::Relaxed);
-        let mut last = String::from("no endpoints configured");
+        let mut last = StoreError::Unavailable("no endpoints configured".into());
         for n in 0..endpoints.len() {
             let i = (first + n) % endpoints.len();
-            let request = self.request(&endpoints[i], path, &body)?;
-            let sent = tokio::time::timeout(self.settings.timeout, async {
-                let resp = self
-                    .client
-                    .request(request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = resp.status();
-                let bytes = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok::<_, String>((status, bytes))
-            })
-            .await;
-            match sent {
-                Ok(Ok((status, bytes))) => {
-                    self.endpoint.store(i, Ordering::Relaxed);
-                    let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                    if status.is_success() {
-                        return Ok(value);
-                    }
-                    let message = value["error"]
-                        .as_str()
-                        .or(value["message"].as_str())
-                        .unwrap_or("");
-                    return Err(StoreError::Unavailable(format!(
-                        "{}: {status} {message}",
-                        endpoints[i]
-                    )));
-                }
-                Ok(Err(e)) => last = format!("{}: {e}", endpoints[i]),
-                Err(_) => {
-                    last = format!("{}: no answer in {:?}", endpoints[i], self.settings.timeout)
-                }
+            match self.send(i, path, &body).await {
+                Err(StoreError::Unavailable(e)) => last = StoreError::Unavailable(e),
+                answered => return answered,
             }
         }
         self.up.store(false, Ordering::Release);
-        Err(StoreError::Unavailable(last))
+        Err(last)
+    }
+
+    /// One request to the current endpoint only (a write: sent elsewhere
+    /// after a timeout, it could apply twice).
+    async fn call_once(&self, path: &str, body: &Value) -> Result<Value, StoreError> {
+        let i = self.endpoint.load(Ordering::Relaxed) % self.settings.endpoints.len().max(1);
+        self.send(i, path, body).await
+    }
+
+    async fn send(&self, i: usize, path: &str, body: &Value) -> Result<Value, StoreError> {
+        let endpoint = self
+            .settings
+            .endpoints
+            .get(i)
+            .ok_or_else(|| StoreError::Unavailable("no endpoints configured".into()))?;
+        let request = self.request(endpoint, path, body)?;
+        let sent = tokio::time::timeout(self.settings.timeout, async {
+            let resp = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        })
+        .await;
+        let (status, bytes) = match sent {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(StoreError::Unavailable(format!("{endpoint}: {e}"))),
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{endpoint}: no answer in {:?}",
+                    self.settings.timeout
+                )))
+            }
+        };
+        self.endpoint.store(i, Ordering::Relaxed);
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value["error"]
+            .as_str()
+            .or(value["message"].as_str())
+            .unwrap_or("");
+        // etcd's own limits (--max-txn-ops, --max-request-bytes): the
+        // request is too big, not the store down.
+        if message.contains("too many operations") || message.contains("request is too large") {
+            return Err(StoreError::Refused(format!(
+                "etcd refused the change: {message}"
+            )));
+        }
+        Err(StoreError::Unavailable(format!(
+            "{endpoint}: {status} {message}"
+        )))
     }
 
     fn request(
@@ -398,7 +512,8 @@ impl Inner {
         }
     }
 
-    /// Applies watch events until the stream ends; returns why it did.
+    /// Applies watch events until the stream ends or etcd stops answering
+    /// probes; returns why it stopped.
     async fn watch(&self, from: u64) -> String {
         let endpoints = &self.settings.endpoints;
         let endpoint = &endpoints[self.endpoint.load(Ordering::Relaxed) % endpoints.len()];
@@ -418,8 +533,19 @@ impl Inner {
         };
         let mut body = resp.into_body();
         let mut buf = BytesMut::new();
+        let mut probe = tokio::time::interval(PROBE);
+        probe.tick().await;
         loop {
-            let frame = match body.frame().await {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                _ = probe.tick() => {
+                    if let Err(e) = self.call("/v3/maintenance/status", json!({})).await {
+                        return format!("etcd does not answer: {e}");
+                    }
+                    continue;
+                }
+            };
+            let frame = match frame {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => return e.to_string(),
                 None => return "etcd closed the stream".into(),
@@ -428,22 +554,27 @@ impl Inner {
                 continue;
             };
             buf.extend_from_slice(&data);
-            let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
-            let mut used = 0;
-            let mut messages = Vec::new();
-            while let Some(Ok(message)) = stream.next() {
-                used = stream.byte_offset();
-                messages.push(message);
-            }
-            buf.advance(used);
-            for message in messages {
+            // The gateway ends each message with a newline.
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(end + 1);
+                let message: Value = match serde_json::from_slice(&line) {
+                    Ok(m) => m,
+                    Err(e) => return format!("unreadable watch message: {e}"),
+                };
                 if let Err(why) = self.apply_events(&message["result"]) {
                     return why;
                 }
             }
+            if buf.len() > MAX_MESSAGE {
+                return format!("a watch message is over {MAX_MESSAGE} bytes");
+            }
         }
     }
 
+    /// Applies one watch message. Each event is applied by its own
+    /// revision: etcd sends a long catch-up in several messages, each with
+    /// the newest revision in its header, so the header alone would skip
+    /// the later ones.
     fn apply_events(&self, result: &Value) -> Result<(), String> {
         if number(&result["compact_revision"]) > 0 {
             return Err(format!(
@@ -455,27 +586,37 @@ impl Inner {
             return Err(format!("watch canceled: {}", result["cancel_reason"]));
         }
         let events = result["events"].as_array().map_or(&[][..], Vec::as_slice);
-        let revision = revision_of(result);
         let current = self.mirror.load_full();
-        if events.is_empty() || revision <= current.revision {
-            return Ok(());
-        }
         let mut state = State {
-            revision,
-            items: current.items.clone(),
+            revision: current.revision,
+            items: BTreeMap::new(),
         };
+        let mut items = None;
         for event in events {
             let kv = &event["kv"];
-            if event["type"] == "DELETE" {
-                if let Some(key) = decode(&kv["key"]) {
-                    if let Some(relative) = self.relative(&key) {
-                        state.items.remove(relative);
-                    }
+            let revision = number(&kv["mod_revision"]);
+            if revision <= current.revision {
+                continue;
+            }
+            state.revision = state.revision.max(revision);
+            let items = items.get_or_insert_with(|| current.items.clone());
+            let key = decode(&kv["key"]).unwrap_or_default();
+            let deleted = event["type"] == "DELETE";
+            if self.is_guard(&key) {
+                self.guard
+                    .store(if deleted { 0 } else { revision }, Ordering::Release);
+            } else if deleted {
+                if let Some(relative) = self.relative(&key) {
+                    items.remove(relative);
                 }
             } else if let Some((key, item)) = self.item(kv) {
-                state.items.insert(key, item);
+                items.insert(key, item);
             }
         }
+        let Some(items) = items else {
+            return Ok(());
+        };
+        state.items = items;
         self.up.store(true, Ordering::Release);
         self.publish(state);
         Ok(())

@@ -90,6 +90,9 @@ pub enum StoreError {
     Unavailable(String),
     /// The revision asked for is older than the history kept.
     Compacted(u64),
+    /// The store refused the change as too large (etcd's limits on a
+    /// transaction); nothing was written.
+    Refused(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -103,6 +106,7 @@ impl std::fmt::Display for StoreError {
                     "revision {rev} is older than the history the store keeps"
                 )
             }
+            StoreError::Refused(why) => f.write_str(why),
         }
     }
 }
@@ -148,7 +152,7 @@ impl Store {
         before: Option<u64>,
     ) -> Result<Vec<Commit>, StoreError> {
         match self {
-            Store::Embedded(s) => s.history(limit, before),
+            Store::Embedded(s) => s.history(limit, before).await,
             Store::Etcd(s) => s.history(limit, before).await,
         }
     }
@@ -156,7 +160,7 @@ impl Store {
     /// One commit with its changes; `None` when no such revision was made.
     pub async fn commit_at(&self, revision: u64) -> Result<Option<Commit>, StoreError> {
         match self {
-            Store::Embedded(s) => s.commit_at(revision),
+            Store::Embedded(s) => s.commit_at(revision).await,
             Store::Etcd(s) => s.commit_at(revision).await,
         }
     }
@@ -164,7 +168,7 @@ impl Store {
     /// Every resource's value as it was at `revision`.
     pub async fn values_at(&self, revision: u64) -> Result<BTreeMap<String, Value>, StoreError> {
         match self {
-            Store::Embedded(s) => s.values_at(revision),
+            Store::Embedded(s) => s.values_at(revision).await,
             Store::Etcd(s) => s.values_at(revision).await,
         }
     }

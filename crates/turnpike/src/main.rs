@@ -256,23 +256,32 @@ fn init_logging(level: &str) {
         .init();
 }
 
-/// The first snapshot from a store; a configuration that does not compile
-/// is refused with every error.
-fn first_from_store(store: &Store, gateway: &Gateway) -> std::io::Result<Snapshot> {
+/// The first snapshot from a store. A stored configuration that does not
+/// compile is logged with every error, and the gateway starts with none
+/// (not ready, answering 404) so the Admin API can mend it.
+fn first_from_store(store: &Store, gateway: &Gateway) -> (Snapshot, Option<String>) {
     match source::compile(&store.state(), gateway, None) {
         Ok((snapshot, warnings)) => {
             for w in warnings.iter().chain(&snapshot.warnings) {
                 tracing::warn!("{w}");
             }
-            Ok(snapshot)
+            (snapshot, None)
         }
         Err(errors) => {
-            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            Err(std::io::Error::other(format!(
-                "the configuration in the {} store does not compile:\n{}",
+            for e in &errors {
+                tracing::error!("config refused: {e}");
+            }
+            let why = format!(
+                "the configuration in the {} store does not compile ({} errors, logged): mend it through the Admin API",
                 store.describe(),
-                lines.join("\n")
-            )))
+                errors.len()
+            );
+            tracing::error!("{why}");
+            let empty = turnpike_config::Resources::default();
+            // Revision 0, so the next stored revision always reloads.
+            let snapshot = turnpike_config::compile(&empty, registry(), None, 0)
+                .expect("an empty configuration compiles");
+            (snapshot, Some(why))
         }
     }
 }
@@ -283,9 +292,11 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     let store = source::open(&file, path)
         .await
         .map_err(std::io::Error::other)?;
-    let snapshot = match (&store, snapshot) {
-        (Some(store), _) => first_from_store(store, &file.gateway)?,
-        (None, Some(snapshot)) => snapshot,
+    // Subscribed before the first compile: a change in between reloads.
+    let changes = store.as_ref().map(|s| s.changes());
+    let (snapshot, unready) = match (&store, snapshot) {
+        (Some(store), _) => first_from_store(store, &file.gateway),
+        (None, Some(snapshot)) => (snapshot, None),
         (None, None) => unreachable!("a file source is compiled before serving"),
     };
     for w in &snapshot.warnings {
@@ -300,6 +311,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     let runtime = tokio::runtime::Handle::current();
     start_health_checks(&snapshot, &runtime);
     let shared = Shared::new(snapshot, gateway.client_body_timeout);
+    *shared.unready.lock().unwrap_or_else(|e| e.into_inner()) = unready;
     let server = Server::start(
         &gateway.listen,
         gateway.workers,
@@ -340,8 +352,10 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
             .map_err(|e| std::io::Error::other(format!("cannot watch {}: {e}", path.display())))?;
             Some(watch)
         }
-        Some(store) => {
-            follow(store, reloader.clone());
+        Some(_) => {
+            if let Some(changes) = changes {
+                follow(changes, reloader.clone());
+            }
             None
         }
     };
@@ -373,8 +387,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
 
 /// Reloads each time the store changes; changes that come while a reload
 /// runs are taken together by the next.
-fn follow(store: &Store, reloader: Arc<Reloader>) {
-    let mut changes = store.changes();
+fn follow(mut changes: tokio::sync::watch::Receiver<u64>, reloader: Arc<Reloader>) {
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             let r = reloader.clone();
@@ -444,6 +457,11 @@ impl Reloader {
                 let (revision, routes) = (snapshot.revision, snapshot.routes.len());
                 start_health_checks(&snapshot, &self.runtime);
                 self.shared.snapshot.store(Arc::new(snapshot));
+                *self
+                    .shared
+                    .unready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
                 let elapsed_ms = started.elapsed().as_millis() as u64;
                 tracing::info!(
                     revision,

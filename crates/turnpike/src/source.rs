@@ -39,6 +39,18 @@ pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, 
     let store = Arc::new(store);
     if !in_file.items.is_empty() {
         if matches!(*store, Store::Embedded(_)) && store.state().revision == 0 {
+            // A file that does not compile is refused, not imported.
+            let (mut res, mut warnings) = (file.resources.clone(), Vec::new());
+            if let Err(errors) = crate::compile(&mut res, g, &mut warnings, None, 1) {
+                let lines: Vec<String> = errors
+                    .iter()
+                    .map(|e| format!("{}: {e}", path.display()))
+                    .collect();
+                return Err(format!(
+                    "not imported into the embedded store:\n{}",
+                    lines.join("\n")
+                ));
+            }
             import(&store, in_file, path).await?;
         } else {
             tracing::warn!(
@@ -81,7 +93,8 @@ pub fn compile(
     gateway: &Gateway,
     previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, Vec<String>), Vec<ConfigError>> {
-    let all = values(state);
+    let mut all = values(state);
+    all.retain(|k, _| turnpike_config::known_kind(k));
     let (mut res, mut warnings) = turnpike_config::read_resources(resource_lists(&all))?;
     let snapshot = crate::compile(&mut res, gateway, &mut warnings, previous, state.revision)?;
     Ok((snapshot, warnings))
@@ -94,8 +107,9 @@ pub fn validator(shared: Arc<turnpike_proxy::Shared>) -> turnpike_admin::Validat
     Arc::new(move |all| {
         let to_strings =
             |errors: Vec<ConfigError>| errors.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let known = all.iter().filter(|(k, _)| turnpike_config::known_kind(k));
         let (mut res, _) =
-            turnpike_config::read_resources(resource_lists(all)).map_err(to_strings)?;
+            turnpike_config::read_resources(resource_lists(known)).map_err(to_strings)?;
         let discovered = res
             .upstreams
             .iter_mut()

@@ -216,3 +216,56 @@ async fn a_node_waits_for_etcd_and_a_compaction_loses_nothing() {
     serves(&gw, "/first", 200, Some("v19")).await;
     gw.wait_log("configuration listed afresh", 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stored_config_is_mended_through_the_admin_api() {
+    let etcd = Etcd::start();
+    let broken = json!({"uri": "/bad", "upstream_id": "missing"});
+    etcd.ctl(&["put", "/apisix/routes/bad", &broken.to_string()]);
+    // A kind this build does not read is left alone, never an error.
+    etcd.ctl(&["put", "/apisix/stream_routes/1", r#"{"server_port": 9100}"#]);
+    let (port, status, admin) = (free_port(), free_port(), free_port());
+    let dir = TempDir::new();
+    let config = dir.path.join("turnpike.yaml");
+    std::fs::write(
+        &config,
+        managed_settings(port, status, admin, &provider(&etcd)),
+    )
+    .unwrap();
+    let gw = Gateway::spawn(dir, config, port, status);
+    gw.wait_log("does not compile", 1).await;
+    let ready = get(&format!("http://127.0.0.1:{status}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready.body.contains("mend it through the Admin API"),
+        "{}",
+        ready.body
+    );
+    let key = [("x-api-key", crate::admin::KEY)];
+    let r = crate::admin::admin_call(
+        admin,
+        Method::DELETE,
+        "/apisix/admin/routes/bad",
+        None,
+        &key,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    gw.wait_ready().await;
+    let route = mock_route("/good", "good").to_string();
+    let r = crate::admin::admin_call(
+        admin,
+        Method::PUT,
+        "/apisix/admin/routes/good",
+        Some(route),
+        &key,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    serves(&gw, "/good", 200, Some("good")).await;
+    assert!(etcd
+        .ctl(&["get", "/apisix/stream_routes/1"])
+        .contains("9100"));
+}
