@@ -547,7 +547,9 @@ impl Compiler<'_> {
         for r in routes {
             r.reads_body = global_reads
                 || r.chain.reads_body()
-                || (consumers_read && (global_authenticates || authenticates(&r.chain)));
+                || (consumers_read && (global_authenticates || authenticates(&r.chain)))
+                // A body that may be sent again is read whole first.
+                || r.upstream.retry_non_idempotent;
         }
     }
 
@@ -719,6 +721,7 @@ impl Compiler<'_> {
             hash_on,
             retries: u.retries,
             retry_on_statuses: u.retry_on_statuses.clone().unwrap_or_default().into(),
+            retry_non_idempotent: u.retry_non_idempotent.unwrap_or(false),
             retry_timeout,
             timeouts,
             pass_host,
@@ -764,11 +767,11 @@ impl Compiler<'_> {
             }
         };
         if let Some(a) = &checks.active {
-            if !matches!(a.kind.as_str(), "http" | "tcp") {
+            if !matches!(a.kind.as_str(), "http" | "https" | "tcp") {
                 self.err(
                     label,
                     format!("{at}.active.type"),
-                    "must be `http` or `tcp` (https probes are not available in this build)",
+                    "must be `http`, `https` or `tcp`",
                 );
             }
             if !(a.timeout > 0.0 && a.timeout <= 300.0) {

@@ -115,6 +115,10 @@ pub struct Upstream {
     /// Turnpike: answers that send a bodyless idempotent request to the
     /// next node, as nginx's `proxy_next_upstream http_502`.
     pub retry_on_statuses: Option<Vec<u16>>,
+    /// Turnpike: non-idempotent requests (POST, PATCH) may go to another
+    /// node too; their bodies are read whole first so they can be sent
+    /// again (nginx's `proxy_next_upstream non_idempotent`).
+    pub retry_non_idempotent: Option<bool>,
     pub timeout: Option<Timeout>,
     #[serde(default = "pass")]
     pub pass_host: String,

@@ -80,6 +80,9 @@ pub struct Upstream {
     pub retries: Option<u32>,
     /// Statuses that send a bodyless idempotent request to the next node.
     pub retry_on_statuses: Box<[u16]>,
+    /// Non-idempotent requests may be retried; bodies are read whole
+    /// first, so the request can be sent again.
+    pub retry_non_idempotent: bool,
     pub retry_timeout: Option<Duration>,
     pub timeouts: Timeouts,
     pub pass_host: PassHost,

@@ -55,7 +55,9 @@ pub(crate) async fn handle(
         Err(failure) => return failure.respond(&ctx.request_id),
     };
     let timeout = shared.client_body_timeout;
-    if route.chain.is_empty() && snapshot.global.is_empty() {
+    // A route that reads bodies without plugins (`retry_non_idempotent`)
+    // takes the plugin path, which reads them.
+    if route.chain.is_empty() && snapshot.global.is_empty() && !route.reads_body {
         return forward(route, &mut ctx, Some(body), timeout, false).await;
     }
     // Boxed so the plugin path's larger state does not grow every
@@ -169,6 +171,9 @@ pub(crate) async fn forward(
     } else {
         None
     };
+    // A body read whole can be sent again, when the upstream allows it.
+    let replay = ctx.body.clone().filter(|_| upstream.retry_non_idempotent);
+    let resend = || replay.clone().map(ProxyBody::full);
     let (body, sent) = request_body(ctx, incoming, client_body_timeout);
     let mut body = Some(body);
     let has_body = sent.is_some();
@@ -209,9 +214,9 @@ pub(crate) async fn forward(
         // again to another node if its connection breaks after it was sent
         // (before any answer), as nginx's `proxy_next_upstream error`
         // allows: it needs its headers back for that.
-        let replayable = sent.is_none()
+        let replayable = (sent.is_none() || replay.is_some())
             && client_upgrade.is_none()
-            && ctx.req.method.is_idempotent()
+            && (ctx.req.method.is_idempotent() || upstream.retry_non_idempotent)
             && attempts < upstream.max_attempts().min(MAX_TRIED);
         // The response phases, and a replayed request, need the request's
         // headers back: our own client hands them back, the others need a
@@ -239,6 +244,7 @@ pub(crate) async fn forward(
                         ctx.req.headers = headers;
                         // Passed on if no other node can be tried.
                         kept = Some(resp);
+                        body = resend();
                         continue;
                     }
                 }
@@ -277,6 +283,7 @@ pub(crate) async fn forward(
                 ctx.req.headers = (*req).into_parts().0.headers;
                 if replayable {
                     last = Failure::BadGateway;
+                    body = resend();
                     continue;
                 }
                 if for_plugins {
@@ -296,6 +303,7 @@ pub(crate) async fn forward(
                     if let Some(headers) = copy {
                         ctx.req.headers = headers;
                         last = failure;
+                        body = resend();
                         continue;
                     }
                 }

@@ -85,13 +85,14 @@ async fn check(upstream: Weak<Upstream>) {
     }
 }
 
-/// One probe of node `i`: a TCP connection, or an HTTP/1.1 `GET`.
+/// One probe of node `i`: a TCP connection, or an HTTP/1.1 `GET` in the
+/// clear or over TLS.
 async fn probe(up: &Upstream, i: usize, active: &Active) -> Outcome {
     let node = &up.nodes[i];
     let port = active.port.unwrap_or(node.port);
     let timeout = Duration::from_secs_f64(active.timeout);
     let run = async {
-        let mut stream = match TcpStream::connect((&*node.host, port)).await {
+        let tcp = match TcpStream::connect((&*node.host, port)).await {
             Ok(s) => s,
             Err(_) => return Outcome::TcpFailure,
         };
@@ -99,6 +100,16 @@ async fn probe(up: &Upstream, i: usize, active: &Active) -> Outcome {
             return Outcome::Connected;
         }
         let host = active.host.as_deref().unwrap_or(&node.authority);
+        let mut stream = if active.kind == "https" {
+            // The name the certificate must carry: the probe's host, else the node's.
+            let name = turnpike_plugin::host_only(host);
+            match crate::tls::connect(tcp, name, active.https_verify_certificate, false).await {
+                Ok(tls) => tls,
+                Err(_) => return Outcome::TcpFailure,
+            }
+        } else {
+            crate::tls::MaybeTls::Plain(tcp)
+        };
         let mut request = format!("GET {} HTTP/1.1\r\nHost: {host}\r\n", active.http_path);
         for h in &active.req_headers {
             request.push_str(h);
@@ -116,7 +127,7 @@ async fn probe(up: &Upstream, i: usize, active: &Active) -> Outcome {
 }
 
 /// Reads the status code of the answer's status line.
-async fn status(stream: &mut TcpStream) -> Outcome {
+async fn status(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Outcome {
     let mut buf = [0u8; 64];
     let mut len = 0;
     while len < 12 {

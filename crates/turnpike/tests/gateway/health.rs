@@ -197,11 +197,11 @@ async fn passive_checks_and_retries_lose_no_get_when_a_node_dies() {
 #[tokio::test]
 async fn checks_this_build_cannot_run_are_refused() {
     let (ok, err) = check(
-        "upstreams:\n  - {id: u, nodes: {\"127.0.0.1:1\": 1}, checks: {active: {type: https}}}\n",
+        "upstreams:\n  - {id: u, nodes: {\"127.0.0.1:1\": 1}, checks: {active: {type: grpc}}}\n",
     );
     assert!(!ok);
     assert!(
-        err.contains("upstream u: checks.active.type: must be `http` or `tcp`"),
+        err.contains("upstream u: checks.active.type: must be `http`, `https` or `tcp`"),
         "{err}"
     );
     let (ok, err) = check(
@@ -209,6 +209,27 @@ async fn checks_this_build_cannot_run_are_refused() {
     );
     assert!(!ok);
     assert!(err.contains("checks.active.healthy"), "{err}");
+}
+
+#[tokio::test]
+async fn https_probes_speak_tls_and_verify_when_asked() {
+    let tls = tls_upstream().await;
+    let plain = Upstream::start("plain").await;
+    let upstream = |verify: bool| {
+        format!(
+            "upstreams:\n  - {{id: u, nodes: {{\"{tls}\": 1, \"{}\": 1}}, checks: {{active: {{type: https, https_verify_certificate: {verify}, healthy: {{interval: 1, successes: 1}}, unhealthy: {{interval: 1, tcp_failures: 1}}}}}}}}\nroutes:\n  - {{id: r, uri: /*, upstream_id: u}}\n",
+            plain.node()
+        )
+    };
+    let gw = Gateway::start(&upstream(false)).await;
+    // A node that does not speak TLS fails the handshake: down.
+    wait_state(&gw, &plain.node(), "unhealthy", Duration::from_secs(5)).await;
+    let (state, _) = node_state(&gw, &tls).await;
+    assert_eq!(state, "healthy");
+    // Verifying: a self-signed certificate fails too.
+    gw.rewrite(&upstream(true));
+    gw.wait_log("configuration reloaded", 1).await;
+    wait_state(&gw, &tls, "unhealthy", Duration::from_secs(5)).await;
 }
 
 /// A node that reads each request and closes the connection unanswered.
@@ -258,6 +279,29 @@ async fn a_get_whose_connection_breaks_after_sending_goes_to_another_node() {
         refused > 0,
         "a POST that reached a node is never sent twice"
     );
+}
+
+#[tokio::test]
+async fn retry_non_idempotent_sends_a_post_and_its_body_again() {
+    let good = Upstream::start("good").await;
+    let bad = dropping_node().await;
+    let gw = Gateway::start(&format!(
+        "routes:\n  - {{id: r, uri: /*, upstream: {{retry_non_idempotent: true, nodes: {{\"{bad}\": 1, \"{}\": 1}}}}}}\n",
+        good.node()
+    ))
+    .await;
+    for i in 0..6 {
+        let body = format!("order {i}");
+        let req = http::Request::post(gw.url("/echo-body"))
+            .body(full(body.clone()))
+            .unwrap();
+        let r = send(&client(), req).await.unwrap();
+        assert_eq!(
+            (r.status, r.body),
+            (200, body),
+            "the POST went again, body and all"
+        );
+    }
 }
 
 /// A node that answers every request with `status`.
@@ -370,7 +414,7 @@ async fn dns_discovery_follows_the_records_and_keeps_the_last_answer() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    gw.wait_log("a DNS answer changed", 1).await;
+    gw.wait_log("discovered nodes changed", 1).await;
 
     dns.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
