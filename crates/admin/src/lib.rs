@@ -272,12 +272,17 @@ impl Admin {
     }
 }
 
-/// Equal bytes, in time that depends only on the lengths.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
+/// Whether `offered` is `secret`, in time that depends on the offered
+/// length only: neither the secret's bytes nor its length show.
+fn same(secret: &[u8], offered: &[u8]) -> bool {
+    if secret.is_empty() {
         return false;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let mut diff = u8::from(secret.len() != offered.len());
+    for (i, b) in offered.iter().enumerate() {
+        diff |= secret[i % secret.len()] ^ b;
+    }
+    diff == 0
 }
 
 fn query_pairs(q: &str) -> BTreeMap<String, String> {
@@ -319,6 +324,11 @@ mod tests {
         assert!(same(b"abc", b"abc"));
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"ab"));
+        assert!(
+            !same(b"abc", b"abcabc"),
+            "a repeat of the key is not the key"
+        );
+        assert!(!same(b"", b""));
     }
 
     #[test]
