@@ -124,6 +124,21 @@ pub async fn run_phase(
     None
 }
 
+/// Runs `rewrite` and `access` of the authentication plugins alone (the
+/// global rules', then the route's): who is asking, without the rest of
+/// the route's work. Returns their refusal, if one refused.
+pub async fn authenticate(global: &Chain, route: &Chain, ctx: &mut Ctx) -> Option<Reply> {
+    for phase in [Phase::Rewrite, Phase::Access] {
+        let auth = global.entries.iter().chain(route.entries.iter());
+        for e in auth.filter(|e| e.plugin.authenticates()) {
+            if let Some(reply) = run_entry(phase, e, ctx).await {
+                return Some(reply);
+            }
+        }
+    }
+    None
+}
+
 async fn run_entry(phase: Phase, e: &Entry, ctx: &mut Ctx) -> Option<Reply> {
     if !e.applies(ctx) {
         return None;

@@ -42,7 +42,9 @@ mod registry;
 mod schema;
 mod state;
 
-pub use chain::{run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase};
+pub use chain::{
+    authenticate, run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase,
+};
 pub use ctx::{host_only, Conn, Consumer, Ctx, Template};
 pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
@@ -104,6 +106,13 @@ pub trait Plugin: Send + Sync + 'static {
     /// Whether requests' bodies must be read into [`Ctx::body`] before the
     /// rewrite phase. By default they stream and plugins do not see them.
     fn reads_request_body(&self) -> bool {
+        false
+    }
+
+    /// Whether this plugin says who the consumer is (key-auth, jwt-auth,
+    /// …): such plugins alone run when the gateway only needs to know who
+    /// asks (reading an asynchronous result). By default it does not.
+    fn authenticates(&self) -> bool {
         false
     }
 }

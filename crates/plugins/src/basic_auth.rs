@@ -91,6 +91,10 @@ fn decode(header: &str) -> Result<(String, String), &'static str> {
 }
 
 impl Plugin for BasicAuth {
+    fn authenticates(&self) -> bool {
+        true
+    }
+
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
         let Some(header) = ctx.header(AUTHORIZATION.as_str()) else {
             let reply =

@@ -211,6 +211,10 @@ fn unverified_claims(token: &str) -> Option<Value> {
 }
 
 impl Plugin for JwtAuth {
+    fn authenticates(&self) -> bool {
+        true
+    }
+
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
         let Some((token, source)) = self.token(ctx) else {
             return refuse("Missing JWT token in request");

@@ -90,6 +90,10 @@ impl KeyAuth {
 }
 
 impl Plugin for KeyAuth {
+    fn authenticates(&self) -> bool {
+        true
+    }
+
     fn rewrite(&self, ctx: &mut Ctx) -> Flow {
         let (consumer, from_header) = match self.consumer(ctx) {
             Ok(found) => found,

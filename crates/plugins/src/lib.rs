@@ -10,6 +10,7 @@ use std::sync::Arc;
 use turnpike_plugin::{Factory, Registry};
 
 mod api_breaker;
+pub mod async_request;
 mod basic_auth;
 mod body_transformer;
 mod consumer_restriction;
@@ -63,6 +64,7 @@ pub fn factories() -> Vec<Factory> {
         limit_count::factory(),
         limit_req::factory(),
         traffic_split::factory(),
+        async_request::factory(),
         redirect::factory(),
         response_rewrite::factory(),
         prometheus::factory(),

@@ -38,6 +38,9 @@ pub enum ProxyBody {
     /// A response on a route with plugins: runs their `log` phase once the
     /// body has been sent or abandoned.
     Logged(Box<Logged>),
+    /// Chunks the gateway pushes as they come (Server-Sent Events); the
+    /// body ends when the sender is dropped.
+    Pushed(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 /// A request on a route with plugins, from the first phase to the last
@@ -259,6 +262,7 @@ impl Body for ProxyBody {
                 polled.map(|f| f.map(|r| r.map(without_claims).map_err(Into::into)))
             }
             ProxyBody::Inline(body) => body.poll_data(cx).map(|d| d.map(|d| d.map(Frame::data))),
+            ProxyBody::Pushed(rx) => rx.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d)))),
             ProxyBody::Logged(logged) => {
                 let polled = Pin::new(&mut logged.body).poll_frame(cx);
                 match &polled {
@@ -308,6 +312,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(up) => up.body.is_end_stream(),
             ProxyBody::Inline(body) => body.is_end_stream(),
             ProxyBody::Logged(logged) => logged.body.is_end_stream(),
+            ProxyBody::Pushed(_) => false,
         }
     }
 
@@ -322,6 +327,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(up) => up.body.size_hint(),
             ProxyBody::Inline(body) => body.size_hint(),
             ProxyBody::Logged(logged) => logged.body.size_hint(),
+            ProxyBody::Pushed(_) => SizeHint::default(),
         }
     }
 }

@@ -49,6 +49,10 @@ pub(crate) async fn handle(
         }
     };
     remove_consumer_claims(&mut parts.headers);
+    if let Some(id) = parts.uri.path().strip_prefix(turnpike_queue::RESULT_PREFIX) {
+        let id = id.to_owned();
+        return crate::async_jobs::result(&snapshot, &id, parts, conn, request_id).await;
+    }
     let mut ctx = Ctx::new(parts, conn, request_id);
     let route = match route(&snapshot, &mut ctx) {
         Ok(index) => &snapshot.routes[index],

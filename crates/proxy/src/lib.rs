@@ -7,6 +7,7 @@
 //! snapshot once and keeps it to the end, so a swap never disturbs traffic.
 //! See `crates/turnpike/src/main.rs` for the wiring.
 
+mod async_jobs;
 mod body;
 mod clock;
 mod dns;
@@ -33,6 +34,7 @@ use arc_swap::ArcSwap;
 use http::HeaderName;
 use turnpike_config::Snapshot;
 
+pub use async_jobs::{execute, on_end};
 pub use body::ProxyBody;
 pub use dns::{Dns, DnsNode};
 pub use health::start_health_checks;

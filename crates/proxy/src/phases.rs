@@ -301,6 +301,15 @@ async fn buffer(body: ProxyBody, head: &Head) -> Buffered {
     }
 }
 
+/// A plugin's answer as a response, without the response phases (the
+/// refusal of an authentication run alone).
+pub(crate) fn reply_response(reply: turnpike_plugin::Reply) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(reply.body));
+    *resp.status_mut() = reply.status;
+    *resp.headers_mut() = reply.headers;
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

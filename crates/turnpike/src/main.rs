@@ -312,6 +312,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     start_health_checks(&snapshot, &runtime);
     let shared = Shared::new(snapshot, gateway.client_body_timeout);
     *shared.unready.lock().unwrap_or_else(|e| e.into_inner()) = unready;
+    start_async_queue(&gateway, &shared);
     let server = Server::start(
         &gateway.listen,
         gateway.workers,
@@ -383,6 +384,19 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
         _ = int.recv() => tracing::warn!("second signal: exiting without waiting for in-flight requests"),
     }
     Ok(())
+}
+
+/// The asynchronous mode's queue lives in `data_dir`; its workers run on
+/// the control runtime and send jobs through the proxy's own path.
+fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
+    let shared = shared.clone();
+    let exec: turnpike_queue::Executor = Arc::new(move |job, body| {
+        let shared = shared.clone();
+        Box::pin(async move { turnpike_proxy::execute(&shared, job, body).await })
+    });
+    let runtime = tokio::runtime::Handle::current();
+    let on_end: turnpike_queue::OnEnd = Arc::new(turnpike_proxy::on_end);
+    turnpike_queue::configure(Path::new(&gateway.data_dir), runtime, exec, on_end);
 }
 
 /// Reloads each time the store changes; changes that come while a reload

@@ -5,6 +5,7 @@ mod harness;
 mod services;
 
 mod admin;
+mod async_mode;
 mod cluster;
 mod openapi;
 mod registry;

@@ -1,0 +1,150 @@
+//! `async-request` (Turnpike's own): the gateway answers `202 Accepted`
+//! with a request id at once, after the request is stored durably; workers
+//! send it upstream later, and the client fetches the result at
+//! `/turnpike/async/{id}`. Authentication, validation and rate limiting run
+//! first (this plugin's `access` hook comes after theirs), so a request
+//! they refuse is never queued. See docs/plugins/async-request.md.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Resume};
+use turnpike_queue::{new_id, now_ms, Callback, Job, Refused, RESULT_PREFIX};
+
+pub(crate) const NAME: &str = "async-request";
+/// After the limiters (1001–1005) and the authentication plugins, before
+/// traffic-split (966 chooses upstreams for the synchronous path only).
+pub(crate) const PRIORITY: i32 = 950;
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "ttl": {"type": "integer", "minimum": 1, "maximum": 86400, "default": 60},
+            "result_ttl": {"type": "integer", "minimum": 1, "maximum": 2592000, "default": 3600},
+            "max_result_bytes": {"type": "integer", "minimum": 0, "maximum": 8388608, "default": 1048576},
+            "concurrency": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 4},
+            "max_queue": {"type": "integer", "minimum": 1, "maximum": 10000000, "default": 10000},
+            "public_results": {"type": "boolean", "default": false},
+            "retry_after": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 5},
+            "callback_url": {"type": "string", "pattern": "^http://"},
+            "callback_secret": {"type": "string", "minLength": 16}
+        },
+        "additionalProperties": false
+    })
+}
+
+#[derive(Deserialize)]
+struct Config {
+    ttl: u64,
+    result_ttl: u64,
+    max_result_bytes: usize,
+    concurrency: u32,
+    max_queue: usize,
+    public_results: bool,
+    retry_after: u64,
+    callback_url: Option<String>,
+    callback_secret: Option<String>,
+}
+
+struct AsyncRequest {
+    c: Config,
+}
+
+pub(crate) fn factory() -> Factory {
+    Factory::new(NAME, PRIORITY, schema, build).with_secrets(&["callback_secret"])
+}
+
+fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
+    Ok(Arc::new(AsyncRequest { c: typed(config)? }))
+}
+
+impl Plugin for AsyncRequest {
+    fn reads_request_body(&self) -> bool {
+        true
+    }
+
+    fn access(&self, ctx: &mut Ctx) -> Flow {
+        let Some(queue) = turnpike_queue::installed() else {
+            return Flow::Respond(Reply::message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the asynchronous request queue is not running on this gateway",
+            ));
+        };
+        let now = now_ms();
+        let headers: Vec<(String, Vec<u8>)> = ctx
+            .req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let job = Job {
+            id: new_id(),
+            route: ctx.route_id.as_deref().unwrap_or_default().to_owned(),
+            consumer: ctx.consumer.as_ref().map(|c| c.username.to_string()),
+            public: self.c.public_results,
+            method: ctx.req.method.as_str().to_owned(),
+            // As the plugins before left it (proxy-rewrite, …).
+            uri: ctx.upstream_uri.as_str().to_owned(),
+            headers,
+            submitted: now,
+            expires: now + self.c.ttl * 1000,
+            result_ttl: self.c.result_ttl,
+            max_result_bytes: self.c.max_result_bytes,
+            callback: self.c.callback_url.as_ref().map(|url| Callback {
+                url: url.clone(),
+                secret: self.c.callback_secret.clone(),
+            }),
+            concurrency: self.c.concurrency,
+            idempotency_key: ctx
+                .req
+                .headers
+                .get(&IDEMPOTENCY_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        let body = ctx.body.clone().unwrap_or_default();
+        let (max_queue, retry_after) = (self.c.max_queue, self.c.retry_after);
+        // The store waits for fsync: off the proxy's threads.
+        Flow::Await(Box::pin(async move {
+            let stored = tokio::task::spawn_blocking(move || queue.submit(job, body, max_queue))
+                .await
+                .unwrap_or_else(|e| Err(Refused::Store(e.to_string())));
+            let resume: Resume = Box::new(move |ctx: &mut Ctx| match stored {
+                Ok(accepted) => Flow::Respond(accepted_reply(&accepted.id, accepted.repeated)),
+                Err(Refused::Full) => Flow::Respond(
+                    Reply::message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the asynchronous queue of this route is full",
+                    )
+                    .header(RETRY_AFTER, HeaderValue::from(retry_after)),
+                ),
+                Err(Refused::Store(e)) => {
+                    tracing::error!(request_id = ?ctx.request_id, "async-request: cannot queue: {e}");
+                    Flow::Respond(Reply::message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the asynchronous queue cannot store requests",
+                    ))
+                }
+            });
+            resume
+        }))
+    }
+}
+
+/// `202 Accepted` with the id, its state and where the result will be.
+fn accepted_reply(id: &str, repeated: bool) -> Reply {
+    let url = format!("{RESULT_PREFIX}{id}");
+    let body =
+        json!({"request_id": id, "status": "queued", "result_url": url, "repeated": repeated});
+    let mut reply = Reply::json(StatusCode::ACCEPTED, body.to_string());
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        reply = reply.header(LOCATION, v);
+    }
+    reply
+}

@@ -1,0 +1,693 @@
+//! The asynchronous request mode's queue: a request is accepted (answered
+//! 202 with an id) only once it is stored durably; workers take each
+//! route's requests in FIFO order, at most `concurrency` at a time per
+//! route, and store the upstream's answer for `result_ttl`.
+//!
+//! Durability: a job and its body are one redb transaction (fsync) before
+//! [`Queue::submit`] returns. A job is *done* only once its result is
+//! stored. At open, every job that is neither done nor expired is queued
+//! again, in its original order: a crash in the middle of an upstream call
+//! repeats that call (at-least-once; the job id travels as
+//! `X-Request-Id` so a service can tell).
+//!
+//! A job whose `ttl` passes before a worker takes it is marked expired and
+//! never executed.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Notify};
+
+/// Where results are read: `GET {RESULT_PREFIX}{id}` on the proxy.
+pub const RESULT_PREFIX: &str = "/turnpike/async/";
+
+/// Job id → JSON of [`Record`].
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Job id → the request body.
+const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
+/// Job id → the result body.
+const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
+/// `consumer\n key` → job id.
+const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// `seq` → the last sequence number given.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How often finished jobs past their `result_ttl` are removed.
+const SWEEP: Duration = Duration::from_secs(5);
+
+/// A request to run later, as the gateway accepted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub route: String,
+    /// The consumer that submitted it, if it authenticated.
+    pub consumer: Option<String>,
+    /// Whether anyone holding the id may read the result.
+    pub public: bool,
+    pub method: String,
+    /// Path and query, as received.
+    pub uri: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Unix milliseconds.
+    pub submitted: u64,
+    /// Unix milliseconds after which it is not executed.
+    pub expires: u64,
+    /// Seconds the result is kept after the job ends.
+    pub result_ttl: u64,
+    /// The longest result body kept; a longer one is cut (and marked so).
+    pub max_result_bytes: usize,
+    /// The most requests of this route run at once.
+    pub concurrency: u32,
+    pub idempotency_key: Option<String>,
+    /// Where to POST the outcome when the job ends.
+    #[serde(default)]
+    pub callback: Option<Callback>,
+}
+
+/// A webhook: the outcome is POSTed to `url`, signed with `secret`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    pub secret: Option<String>,
+}
+
+/// A stored answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Whether the body was cut at the route's `max_result_bytes`.
+    pub truncated: bool,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Queued,
+    Running,
+    Done,
+    Expired,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    job: Job,
+    /// Order of submission, across routes.
+    seq: u64,
+    status: Status,
+    answer: Option<Answer>,
+    /// Unix milliseconds.
+    finished: Option<u64>,
+}
+
+impl Record {
+    fn keep_until(&self) -> u64 {
+        self.finished.unwrap_or(self.job.expires) + self.job.result_ttl * 1000
+    }
+}
+
+/// What a status query finds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    Unknown,
+    /// Queued (with the number of jobs before it in its route) or running.
+    Waiting {
+        job: Job,
+        status: Status,
+        ahead: usize,
+    },
+    Done {
+        job: Job,
+        answer: Answer,
+        body: Bytes,
+        finished: u64,
+    },
+    Expired {
+        job: Job,
+    },
+}
+
+impl Found {
+    pub fn job(&self) -> Option<&Job> {
+        match self {
+            Found::Unknown => None,
+            Found::Waiting { job, .. } | Found::Done { job, .. } | Found::Expired { job } => {
+                Some(job)
+            }
+        }
+    }
+
+    /// Whether the job has ended (done or expired) or is unknown.
+    pub fn settled(&self) -> bool {
+        !matches!(self, Found::Waiting { .. })
+    }
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The route has `max_queue` jobs waiting.
+    Full,
+    /// The store failed; the message says how.
+    Store(String),
+}
+
+/// The outcome of [`Queue::submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    /// An earlier job with the same idempotency key, returned instead.
+    pub repeated: bool,
+}
+
+/// What the worker did with a job: the answer and its (possibly cut) body.
+pub struct Outcome {
+    pub answer: Answer,
+    pub body: Bytes,
+}
+
+/// Told each job's end: with its outcome when done, without when expired.
+pub type OnEnd = Arc<dyn Fn(&Job, Option<&Outcome>) + Send + Sync>;
+
+/// Runs one job (the gateway sends it upstream).
+pub type Executor = Arc<
+    dyn Fn(Job, Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Default)]
+struct Lane {
+    /// Job ids waiting, oldest first.
+    waiting: VecDeque<String>,
+    running: usize,
+    concurrency: usize,
+}
+
+/// The gateway's queue, once it runs (the plugin finds it here).
+static INSTALLED: std::sync::OnceLock<Arc<Queue>> = std::sync::OnceLock::new();
+
+/// Where and how the gateway's queue runs, set at start.
+struct Setup {
+    dir: std::path::PathBuf,
+    runtime: tokio::runtime::Handle,
+    exec: Executor,
+    on_end: OnEnd,
+}
+
+static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
+
+/// Says where the gateway's queue lives and how jobs run. The queue opens
+/// now if it holds jobs from an earlier run (so they run again), else on
+/// first use: a gateway without asynchronous routes never creates it.
+pub fn configure(dir: &Path, runtime: tokio::runtime::Handle, exec: Executor, on_end: OnEnd) {
+    let setup = Setup {
+        dir: dir.to_path_buf(),
+        runtime,
+        exec,
+        on_end,
+    };
+    if SETUP.set(setup).is_ok() && dir.join(FILE).exists() {
+        let _ = installed();
+    }
+}
+
+/// The gateway's queue, opened (and its workers started) on first use;
+/// `None` when it is not configured or cannot open (logged).
+pub fn installed() -> Option<Arc<Queue>> {
+    if let Some(q) = INSTALLED.get() {
+        return Some(q.clone());
+    }
+    static OPENING: Mutex<()> = Mutex::new(());
+    let _one = OPENING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(q) = INSTALLED.get() {
+        return Some(q.clone());
+    }
+    let setup = SETUP.get()?;
+    match Queue::open(&setup.dir) {
+        Ok(mut queue) => {
+            if let Some(q) = Arc::get_mut(&mut queue) {
+                q.on_end = Some(setup.on_end.clone());
+            }
+            setup.runtime.spawn(queue.clone().run(setup.exec.clone()));
+            Some(INSTALLED.get_or_init(|| queue).clone())
+        }
+        Err(e) => {
+            tracing::error!("async queue: {e}");
+            None
+        }
+    }
+}
+
+/// The queue's file, in its directory.
+const FILE: &str = "queue.redb";
+
+pub struct Queue {
+    db: Database,
+    lanes: Mutex<HashMap<String, Lane>>,
+    running: Mutex<HashSet<String>>,
+    work: Notify,
+    ended: broadcast::Sender<String>,
+    on_end: Option<OnEnd>,
+}
+
+fn fail(e: impl std::fmt::Display) -> Refused {
+    Refused::Store(e.to_string())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A job id: 32 hex digits, random.
+pub fn new_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+impl Queue {
+    /// Opens (or creates) the queue in `dir`; jobs that had not ended are
+    /// queued again, in their order.
+    pub fn open(dir: &Path) -> Result<Arc<Queue>, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(FILE);
+        let db =
+            Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        for table in [RECORDS, BODIES, RESULTS] {
+            txn.open_table(table).map_err(|e| e.to_string())?;
+        }
+        txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
+        txn.open_table(META).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        let queue = Queue {
+            db,
+            lanes: Mutex::default(),
+            running: Mutex::default(),
+            work: Notify::new(),
+            ended: broadcast::channel(1024).0,
+            on_end: None,
+        };
+        let requeued = queue.recover().map_err(|e| format!("{e:?}"))?;
+        if requeued > 0 {
+            tracing::info!("async queue: {requeued} accepted requests not finished before the last stop are queued again");
+        }
+        Ok(Arc::new(queue))
+    }
+
+    /// Rebuilds the lanes from the records not ended.
+    fn recover(&self) -> Result<usize, Refused> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let records = txn.open_table(RECORDS).map_err(fail)?;
+        let mut open: Vec<Record> = Vec::new();
+        for entry in records.iter().map_err(fail)? {
+            let (_, bytes) = entry.map_err(fail)?;
+            let record: Record = serde_json::from_slice(bytes.value()).map_err(fail)?;
+            if matches!(record.status, Status::Queued | Status::Running) {
+                open.push(record);
+            }
+        }
+        open.sort_by_key(|r| r.seq);
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        for r in &open {
+            let lane = lanes.entry(r.job.route.clone()).or_default();
+            lane.concurrency = r.job.concurrency.max(1) as usize;
+            lane.waiting.push_back(r.job.id.clone());
+        }
+        Ok(open.len())
+    }
+
+    /// Stores a job; returns its id once it is durable. The same
+    /// idempotency key from the same consumer returns the first job's id
+    /// while that job is kept.
+    pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
+        let idem = job
+            .idempotency_key
+            .as_ref()
+            .map(|k| format!("{}\n{k}", job.consumer.as_deref().unwrap_or("")));
+        if let Some(key) = &idem {
+            if let Some(id) = self.idempotent(key)? {
+                return Ok(Accepted { id, repeated: true });
+            }
+        }
+        if self.waiting(&job.route) >= max_queue {
+            return Err(Refused::Full);
+        }
+        let txn = self.db.begin_write().map_err(fail)?;
+        {
+            let mut meta = txn.open_table(META).map_err(fail)?;
+            let seq = meta.get("seq").map_err(fail)?.map_or(0, |v| v.value()) + 1;
+            meta.insert("seq", seq).map_err(fail)?;
+            let record = Record {
+                job: job.clone(),
+                seq,
+                status: Status::Queued,
+                answer: None,
+                finished: None,
+            };
+            let bytes = serde_json::to_vec(&record).map_err(fail)?;
+            txn.open_table(RECORDS)
+                .map_err(fail)?
+                .insert(job.id.as_str(), bytes.as_slice())
+                .map_err(fail)?;
+            txn.open_table(BODIES)
+                .map_err(fail)?
+                .insert(job.id.as_str(), body.as_ref())
+                .map_err(fail)?;
+            if let Some(key) = &idem {
+                txn.open_table(IDEMPOTENCY)
+                    .map_err(fail)?
+                    .insert(key.as_str(), job.id.as_str())
+                    .map_err(fail)?;
+            }
+        }
+        txn.commit().map_err(fail)?;
+        {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = lanes.entry(job.route.clone()).or_default();
+            lane.concurrency = job.concurrency.max(1) as usize;
+            lane.waiting.push_back(job.id.clone());
+        }
+        self.work.notify_one();
+        metrics::depth(self.depth());
+        Ok(Accepted {
+            id: job.id,
+            repeated: false,
+        })
+    }
+
+    fn idempotent(&self, key: &str) -> Result<Option<String>, Refused> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let table = txn.open_table(IDEMPOTENCY).map_err(fail)?;
+        let id = table.get(key).map_err(fail)?.map(|v| v.value().to_owned());
+        // Only while the job it names is kept.
+        Ok(id.filter(|id| self.record(id).ok().flatten().is_some()))
+    }
+
+    /// Jobs of `route` waiting for a worker.
+    pub fn waiting(&self, route: &str) -> usize {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes.get(route).map_or(0, |l| l.waiting.len())
+    }
+
+    /// Jobs waiting, over every route.
+    pub fn depth(&self) -> usize {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes.values().map(|l| l.waiting.len()).sum()
+    }
+
+    fn record(&self, id: &str) -> Result<Option<Record>, Refused> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let table = txn.open_table(RECORDS).map_err(fail)?;
+        let found = table.get(id).map_err(fail)?;
+        found
+            .map(|b| serde_json::from_slice(b.value()).map_err(fail))
+            .transpose()
+    }
+
+    /// Where job `id` is.
+    pub fn find(&self, id: &str) -> Result<Found, Refused> {
+        let Some(record) = self.record(id)? else {
+            return Ok(Found::Unknown);
+        };
+        if record.keep_until() <= now_ms()
+            && matches!(record.status, Status::Done | Status::Expired)
+        {
+            return Ok(Found::Unknown);
+        }
+        match record.status {
+            Status::Done => {
+                let txn = self.db.begin_read().map_err(fail)?;
+                let results = txn.open_table(RESULTS).map_err(fail)?;
+                let body = results
+                    .get(id)
+                    .map_err(fail)?
+                    .map(|b| Bytes::copy_from_slice(b.value()))
+                    .unwrap_or_default();
+                let answer = record.answer.clone().unwrap_or(Answer {
+                    status: 502,
+                    headers: Vec::new(),
+                    truncated: false,
+                });
+                Ok(Found::Done {
+                    job: record.job,
+                    answer,
+                    body,
+                    finished: record.finished.unwrap_or(0),
+                })
+            }
+            Status::Expired => Ok(Found::Expired { job: record.job }),
+            _ if record.job.expires <= now_ms() && !self.is_running(id) => {
+                Ok(Found::Expired { job: record.job })
+            }
+            _ => {
+                let running = self.is_running(id);
+                let ahead = if running {
+                    0
+                } else {
+                    self.ahead(&record.job.route, id)
+                };
+                let status = if running {
+                    Status::Running
+                } else {
+                    Status::Queued
+                };
+                Ok(Found::Waiting {
+                    job: record.job,
+                    status,
+                    ahead,
+                })
+            }
+        }
+    }
+
+    fn is_running(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    fn ahead(&self, route: &str, id: &str) -> usize {
+        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes
+            .get(route)
+            .and_then(|l| l.waiting.iter().position(|w| w == id))
+            .unwrap_or(0)
+    }
+
+    /// Waits up to `wait` for job `id` to end; returns what is found then.
+    pub async fn wait(&self, id: &str, wait: Duration) -> Result<Found, Refused> {
+        let mut ended = self.ended.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = self.find(id)?;
+            if found.settled() {
+                return Ok(found);
+            }
+            // Wakes when any job ends, or when this one's ttl may have passed.
+            let expiry = found.job().map_or(0, |j| j.expires);
+            let until_expiry = Duration::from_millis(expiry.saturating_sub(now_ms()) + 1);
+            let wake = deadline.min(tokio::time::Instant::now() + until_expiry);
+            match tokio::time::timeout_at(wake, ended.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => return self.find(id),
+                Err(_) if tokio::time::Instant::now() >= deadline => return self.find(id),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// A receiver told the id of each job that ends.
+    pub fn ended(&self) -> broadcast::Receiver<String> {
+        self.ended.subscribe()
+    }
+
+    /// The next job a lane may start now, expired ones marked on the way.
+    fn next(&self) -> Option<(Job, Bytes)> {
+        loop {
+            let (route, id) = {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                let (route, lane) = lanes
+                    .iter_mut()
+                    .find(|(_, l)| !l.waiting.is_empty() && l.running < l.concurrency)?;
+                let id = lane.waiting.pop_front()?;
+                lane.running += 1;
+                (route.clone(), id)
+            };
+            let Ok(Some(record)) = self.record(&id) else {
+                self.release(&route);
+                continue;
+            };
+            if record.job.expires <= now_ms() {
+                if let Err(e) = self.end(&record, Status::Expired, None) {
+                    tracing::warn!("async queue: cannot mark {id} expired: {e:?}");
+                }
+                self.release(&record.job.route);
+                continue;
+            }
+            let body = self.body(&id).unwrap_or_default();
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+            metrics::started(&record.job);
+            return Some((record.job, body));
+        }
+    }
+
+    fn release(&self, route: &str) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get_mut(route) {
+            lane.running = lane.running.saturating_sub(1);
+        }
+    }
+
+    fn body(&self, id: &str) -> Result<Bytes, Refused> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let bodies = txn.open_table(BODIES).map_err(fail)?;
+        let body = bodies.get(id).map_err(fail)?;
+        Ok(body
+            .map(|b| Bytes::copy_from_slice(b.value()))
+            .unwrap_or_default())
+    }
+
+    /// Stores how a job ended: its answer (done) or nothing (expired).
+    fn end(
+        &self,
+        record: &Record,
+        status: Status,
+        outcome: Option<&Outcome>,
+    ) -> Result<(), Refused> {
+        let mut record = record.clone();
+        record.status = status;
+        record.finished = Some(now_ms());
+        record.answer = outcome.map(|o| o.answer.clone());
+        let id = record.job.id.as_str();
+        let txn = self.db.begin_write().map_err(fail)?;
+        {
+            let bytes = serde_json::to_vec(&record).map_err(fail)?;
+            txn.open_table(RECORDS)
+                .map_err(fail)?
+                .insert(id, bytes.as_slice())
+                .map_err(fail)?;
+            txn.open_table(BODIES)
+                .map_err(fail)?
+                .remove(id)
+                .map_err(fail)?;
+            if let Some(o) = outcome {
+                txn.open_table(RESULTS)
+                    .map_err(fail)?
+                    .insert(id, o.body.as_ref())
+                    .map_err(fail)?;
+            }
+        }
+        txn.commit().map_err(fail)?;
+        let _ = self.ended.send(id.to_owned());
+        metrics::ended(&record, outcome);
+        if let Some(on_end) = &self.on_end {
+            on_end(&record.job, outcome);
+        }
+        Ok(())
+    }
+
+    /// Runs jobs with `exec` until the queue is dropped: each lane at most
+    /// its concurrency at a time; finished jobs past their result TTL are
+    /// swept.
+    pub async fn run(self: Arc<Self>, exec: Executor) {
+        let mut sweep = tokio::time::interval(SWEEP);
+        loop {
+            metrics::depth(self.depth());
+            while let Some((job, body)) = self.next() {
+                let queue = self.clone();
+                let exec = exec.clone();
+                tokio::spawn(async move {
+                    let id = job.id.clone();
+                    let route = job.route.clone();
+                    let started = std::time::Instant::now();
+                    let outcome = exec(job, body).await;
+                    metrics::ran(started.elapsed());
+                    match queue.record(&id) {
+                        Ok(Some(record)) => {
+                            if let Err(e) = queue.end(&record, Status::Done, Some(&outcome)) {
+                                tracing::error!(
+                                    "async queue: cannot store the result of {id}: {e:?}"
+                                );
+                            }
+                        }
+                        other => {
+                            tracing::warn!("async queue: job {id} vanished while it ran: {other:?}")
+                        }
+                    }
+                    queue
+                        .running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    queue.release(&route);
+                    queue.work.notify_one();
+                });
+            }
+            tokio::select! {
+                _ = self.work.notified() => {}
+                _ = sweep.tick() => {
+                    if let Err(e) = self.sweep() {
+                        tracing::warn!("async queue: sweep failed: {e:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes ended jobs whose results are past their TTL, with their
+    /// idempotency keys.
+    pub fn sweep(&self) -> Result<usize, Refused> {
+        let now = now_ms();
+        let gone: Vec<Record> = {
+            let txn = self.db.begin_read().map_err(fail)?;
+            let records = txn.open_table(RECORDS).map_err(fail)?;
+            let mut gone = Vec::new();
+            for entry in records.iter().map_err(fail)? {
+                let (_, bytes) = entry.map_err(fail)?;
+                let Ok(r) = serde_json::from_slice::<Record>(bytes.value()) else {
+                    continue;
+                };
+                if matches!(r.status, Status::Done | Status::Expired) && r.keep_until() <= now {
+                    gone.push(r);
+                }
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.db.begin_write().map_err(fail)?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(fail)?;
+            let mut results = txn.open_table(RESULTS).map_err(fail)?;
+            let mut idem = txn.open_table(IDEMPOTENCY).map_err(fail)?;
+            for r in &gone {
+                records.remove(r.job.id.as_str()).map_err(fail)?;
+                results.remove(r.job.id.as_str()).map_err(fail)?;
+                if let Some(k) = &r.job.idempotency_key {
+                    let key = format!("{}\n{k}", r.job.consumer.as_deref().unwrap_or(""));
+                    idem.remove(key.as_str()).map_err(fail)?;
+                }
+            }
+        }
+        txn.commit().map_err(fail)?;
+        Ok(gone.len())
+    }
+}
+
+mod metrics;
+#[cfg(test)]
+mod tests;

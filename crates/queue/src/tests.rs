@@ -1,0 +1,149 @@
+use super::*;
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("turnpike-queue-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn job(route: &str, ttl_ms: u64) -> Job {
+    let now = now_ms();
+    Job {
+        id: new_id(),
+        route: route.into(),
+        consumer: Some("jack".into()),
+        public: false,
+        method: "POST".into(),
+        uri: "/slow".into(),
+        headers: vec![("content-type".into(), b"text/plain".to_vec())],
+        submitted: now,
+        expires: now + ttl_ms,
+        result_ttl: 60,
+        max_result_bytes: 1 << 20,
+        concurrency: 2,
+        idempotency_key: None,
+        callback: None,
+    }
+}
+
+/// An executor that echoes the body after `delay`, counting calls in flight.
+fn echo(delay: Duration, peak: Arc<std::sync::atomic::AtomicUsize>) -> Executor {
+    let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Arc::new(move |_job, body| {
+        let (peak, now) = (peak.clone(), now.clone());
+        Box::pin(async move {
+            let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            Outcome {
+                answer: Answer {
+                    status: 200,
+                    headers: vec![],
+                    truncated: false,
+                },
+                body,
+            }
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_in_order_within_the_route_concurrency() {
+    let d = dir("order");
+    let q = Queue::open(&d).unwrap();
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let a = q
+            .submit(job("r1", 60_000), Bytes::from(format!("body {i}")), 100)
+            .unwrap();
+        ids.push(a.id);
+    }
+    match q.find(&ids[5]).unwrap() {
+        Found::Waiting {
+            status: Status::Queued,
+            ahead,
+            ..
+        } => assert_eq!(ahead, 5),
+        other => panic!("{other:?}"),
+    }
+    tokio::spawn(q.clone().run(echo(Duration::from_millis(50), peak.clone())));
+    for (i, id) in ids.iter().enumerate() {
+        match q.wait(id, Duration::from_secs(5)).await.unwrap() {
+            Found::Done { answer, body, .. } => {
+                assert_eq!(answer.status, 200);
+                assert_eq!(body, format!("body {i}"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        peak.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "at most the route's concurrency at once"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_never_run_and_full_queues_refuse() {
+    let d = dir("expiry");
+    let q = Queue::open(&d).unwrap();
+    let late = q.submit(job("r1", 1), Bytes::new(), 100).unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(matches!(q.find(&late.id).unwrap(), Found::Expired { .. }));
+    q.submit(job("r2", 60_000), Bytes::new(), 1).unwrap();
+    assert_eq!(
+        q.submit(job("r2", 60_000), Bytes::new(), 1),
+        Err(Refused::Full)
+    );
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(q.clone().run(echo(Duration::ZERO, calls.clone())));
+    let found = q.wait(&late.id, Duration::from_secs(2)).await.unwrap();
+    assert!(matches!(found, Found::Expired { .. }), "{found:?}");
+    assert_eq!(q.find("nope").unwrap(), Found::Unknown);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_return_the_first_job() {
+    let d = dir("idem");
+    let q = Queue::open(&d).unwrap();
+    let mut first = job("r1", 60_000);
+    first.idempotency_key = Some("order-7".into());
+    let a = q.submit(first.clone(), Bytes::new(), 100).unwrap();
+    let mut again = job("r1", 60_000);
+    again.idempotency_key = Some("order-7".into());
+    let b = q.submit(again.clone(), Bytes::new(), 100).unwrap();
+    assert_eq!((b.id.clone(), b.repeated), (a.id.clone(), true));
+    // Another consumer's key is its own.
+    again.consumer = Some("rose".into());
+    assert!(!q.submit(again, Bytes::new(), 100).unwrap().repeated);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_jobs_survive_a_reopen_in_order() {
+    let d = dir("reopen");
+    let ids: Vec<String> = {
+        let q = Queue::open(&d).unwrap();
+        (0..3)
+            .map(|i| {
+                q.submit(job("r1", 60_000), Bytes::from(format!("b{i}")), 100)
+                    .unwrap()
+                    .id
+            })
+            .collect()
+    };
+    let q = Queue::open(&d).unwrap();
+    assert_eq!(q.waiting("r1"), 3);
+    tokio::spawn(q.clone().run(echo(Duration::ZERO, Arc::default())));
+    for (i, id) in ids.iter().enumerate() {
+        match q.wait(id, Duration::from_secs(5)).await.unwrap() {
+            Found::Done { body, .. } => assert_eq!(body, format!("b{i}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,0 +1,307 @@
+//! The asynchronous request mode (`async-request`): 202 at once, results
+//! read later, TTLs, idempotency, back-pressure, consumers, kill -9.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+
+use crate::harness::*;
+
+/// A gateway whose `data_dir` (where the queue lives) is its own.
+async fn gateway(resources: &str) -> (Gateway, TempDir) {
+    let data = TempDir::new();
+    let (port, status) = (free_port(), free_port());
+    let text = format!(
+        "{}  data_dir: \"{}\"\n{resources}",
+        settings(port, status),
+        data.path.display()
+    );
+    (Gateway::start_raw(&text, port, status).await, data)
+}
+
+fn route(node: &str, plugin: &str, extra: &str) -> String {
+    format!(
+        "routes:\n  - {{id: jobs, uri: /*, plugins: {{async-request: {plugin}{extra}}}, upstream: {{nodes: {{\"{node}\": 1}}}}}}\n"
+    )
+}
+
+async fn submit(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::post(gw.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(
+        &client(),
+        req.body(full(Bytes::from_static(b"payload"))).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Reads the result, waiting for it server-side.
+async fn result(gw: &Gateway, id: &str, headers: &[(&str, &str)]) -> Reply {
+    get_with(&gw.url(&format!("/turnpike/async/{id}?wait=30")), headers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_slow_requests_are_accepted_at_once_and_all_answered() {
+    let up = Upstream::start("slow").await;
+    let (gw, _data) = gateway(&route(&up.node(), "{concurrency: 50}", "")).await;
+    let started = Instant::now();
+    let submissions: Vec<_> = (0..100)
+        .map(|i| {
+            let url = format!("/slow/{i}?ms=2000");
+            let gw = &gw;
+            async move { submit(gw, &url, &[]).await }
+        })
+        .collect();
+    let replies = futures_util::future::join_all(submissions).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "100 submissions took {took:?}"
+    );
+    let mut ids = Vec::new();
+    for r in &replies {
+        assert_eq!(r.status, 202, "{}", r.body);
+        let body = r.json();
+        assert_eq!(body["status"], "queued");
+        let id = body["request_id"].as_str().unwrap().to_owned();
+        assert_eq!(r.headers["location"], format!("/turnpike/async/{id}"));
+        ids.push(id);
+    }
+    // While they run: 202 with the state.
+    let r = get(&gw.url(&format!("/turnpike/async/{}", ids[99])))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    for (i, id) in ids.iter().enumerate() {
+        let r = result(&gw, id, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.headers["x-async-request-id"], id.as_str());
+        let echo = r.json();
+        assert_eq!(echo["method"], "POST");
+        assert_eq!(echo["uri"], format!("/slow/{i}?ms=2000"));
+        // The job id travels as X-Request-Id, for services to spot repeats.
+        assert_eq!(echo["headers"]["x-request-id"], id.as_str());
+    }
+    assert_eq!(up.hits(), 100, "each accepted request ran once");
+    let metrics = get(&format!("http://127.0.0.1:{}/metrics", gw.status_port))
+        .await
+        .unwrap()
+        .body;
+    for line in [
+        "turnpike_async_done_total 100",
+        "turnpike_async_queue_depth 0",
+        "turnpike_async_wait_seconds_count 100",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
+    }
+    assert_eq!(
+        get(&gw.url("/turnpike/async/0123")).await.unwrap().status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_idempotency_and_a_full_queue() {
+    let up = Upstream::start("slow").await;
+    let (gw, _data) = gateway(&route(
+        &up.node(),
+        "{concurrency: 1, ttl: 1, max_queue: 2, retry_after: 7}",
+        "",
+    ))
+    .await;
+    // One runs (2 s); the next two wait past their 1 s TTL.
+    let first = submit(&gw, "/slow?ms=2000", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late: Vec<String> = [
+        submit(&gw, "/slow?ms=10", &[("idempotency-key", "k1")]).await,
+        submit(&gw, "/slow?ms=10", &[]).await,
+    ]
+    .iter()
+    .map(|r| r.json()["request_id"].as_str().unwrap().to_owned())
+    .collect();
+    // The same key again: the first id, not a new job.
+    let again = submit(&gw, "/slow?ms=10", &[("idempotency-key", "k1")])
+        .await
+        .json();
+    assert_eq!(
+        (
+            again["request_id"].as_str().unwrap(),
+            again["repeated"].as_bool()
+        ),
+        (late[0].as_str(), Some(true))
+    );
+    // max_queue 2 waiting: the next is refused, with Retry-After.
+    let full = submit(&gw, "/slow?ms=10", &[]).await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert_eq!(full.headers["retry-after"], "7");
+    assert_eq!(result(&gw, &first, &[]).await.status, 200);
+    for id in &late {
+        let r = result(&gw, id, &[]).await;
+        assert_eq!(r.status, 410, "{}", r.body);
+        assert_eq!(r.json()["status"], "expired");
+    }
+    assert_eq!(up.hits(), 1, "expired requests never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_consumer_that_asked_reads_the_result() {
+    let up = Upstream::start("a").await;
+    let consumers = "consumers:\n  - {username: jack, plugins: {key-auth: {key: jack-key}}}\n  - {username: rose, plugins: {key-auth: {key: rose-key}}}\n";
+    let routes = format!(
+        "routes:\n  - {{id: jobs, uri: /*, plugins: {{key-auth: {{}}, async-request: {{}}}}, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        up.node()
+    );
+    let (gw, _data) = gateway(&format!("{consumers}{routes}")).await;
+    // Authentication runs first: refused requests are never queued.
+    assert_eq!(submit(&gw, "/x", &[]).await.status, 401);
+    let r = submit(&gw, "/x", &[("apikey", "jack-key")]).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["request_id"].as_str().unwrap().to_owned();
+    let mine = result(&gw, &id, &[("apikey", "jack-key")]).await;
+    assert_eq!(mine.status, 200, "{}", mine.body);
+    assert_eq!(mine.json()["headers"]["x-consumer-username"], "jack");
+    assert_eq!(
+        result(&gw, &id, &[("apikey", "rose-key")]).await.status,
+        404
+    );
+    assert_eq!(result(&gw, &id, &[]).await.status, 401);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_requests_survive_kill_9() {
+    let up = Upstream::start("a").await;
+    let (mut gw, _data) = gateway(&route(&up.node(), "{concurrency: 4}", "")).await;
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        let r = submit(&gw, "/slow?ms=20", &[]).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        ids.push(r.json()["request_id"].as_str().unwrap().to_owned());
+    }
+    gw.kill_and_restart().await;
+    gw.wait_log("queued again", 1).await;
+    for id in &ids {
+        let r = result(&gw, id, &[]).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    assert!(up.hits() >= 300, "every accepted request ran at least once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_push_the_result() {
+    let up = Upstream::start("a").await;
+    let (gw, _data) = gateway(&route(&up.node(), "{}", "")).await;
+    let id = submit(&gw, "/slow?ms=300", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = get_with(
+        &gw.url(&format!("/turnpike/async/{id}")),
+        &[("accept", "text/event-stream")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "text/event-stream");
+    assert!(r.body.starts_with("event: status\ndata: "), "{}", r.body);
+    let result = r
+        .body
+        .split("event: result\ndata: ")
+        .nth(1)
+        .expect("a result event");
+    let result: serde_json::Value = serde_json::from_str(result.trim()).unwrap();
+    assert_eq!(result["status"], "done");
+    assert_eq!(result["response"]["status"], 200);
+    let echoed: serde_json::Value =
+        serde_json::from_str(result["response"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echoed["uri"], "/slow?ms=300");
+}
+
+/// A webhook receiver: answers 500 to the first call, 200 after; keeps
+/// each call's headers and body.
+async fn receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(http::HeaderMap, Bytes)>>>,
+) {
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = http_body_util::BodyExt::collect(body)
+                                .await
+                                .unwrap()
+                                .to_bytes();
+                            let mut calls = seen.lock().unwrap();
+                            calls.push((parts.headers, body));
+                            let status = if calls.len() == 1 { 500 } else { 200 };
+                            let mut resp = http::Response::new(full(Bytes::new()));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_and_retried() {
+    let up = Upstream::start("a").await;
+    let (url, calls) = receiver().await;
+    let secret = "a-secret-of-enough-length";
+    let plugin = format!("{{callback_url: \"{url}\", callback_secret: {secret}}}");
+    let (gw, _data) = gateway(&route(&up.node(), &plugin, "")).await;
+    let id = submit(&gw, "/job", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The first delivery gets 500; the next, a second later, 200.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the webhook was not retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (headers, body) = calls.lock().unwrap()[1].clone();
+    assert_eq!(headers["x-turnpike-request-id"], id.as_str());
+    let timestamp = headers["x-turnpike-timestamp"].to_str().unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(&body);
+    let tag = ring::hmac::sign(&key, &signed);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        headers["x-turnpike-signature"],
+        format!("sha256={hex}").as_str()
+    );
+    let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (outcome["request_id"].as_str(), outcome["status"].as_str()),
+        (Some(id.as_str()), Some("done"))
+    );
+    assert_eq!(outcome["response"]["status"], 200);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        2,
+        "delivered once it was taken"
+    );
+}
