@@ -15,8 +15,8 @@ use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply,
 use turnpike_queue::{new_id, now_ms, Callback, Job, Refused, RESULT_PREFIX};
 
 pub(crate) const NAME: &str = "async-request";
-/// After the limiters (1001–1005) and the authentication plugins, before
-/// traffic-split (966 chooses upstreams for the synchronous path only).
+/// After the authentication plugins and the limiters (1001–1005). A
+/// traffic-split (966) on the route does not apply to queued requests.
 pub(crate) const PRIORITY: i32 = 950;
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -70,12 +70,6 @@ impl Plugin for AsyncRequest {
     }
 
     fn access(&self, ctx: &mut Ctx) -> Flow {
-        let Some(queue) = turnpike_queue::installed() else {
-            return Flow::Respond(Reply::message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the asynchronous request queue is not running on this gateway",
-            ));
-        };
         let now = now_ms();
         let headers: Vec<(String, Vec<u8>)> = ctx
             .req
@@ -91,6 +85,18 @@ impl Plugin for AsyncRequest {
             method: ctx.req.method.as_str().to_owned(),
             // As the plugins before left it (proxy-rewrite, …).
             uri: ctx.upstream_uri.as_str().to_owned(),
+            host: ctx
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
+            upstream_host: ctx
+                .upstream_host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
+            remote: Some(ctx.conn.remote.to_string()),
+            scheme: Some(ctx.conn.scheme.to_owned()),
             headers,
             submitted: now,
             expires: now + self.c.ttl * 1000,
@@ -112,9 +118,15 @@ impl Plugin for AsyncRequest {
         let (max_queue, retry_after) = (self.c.max_queue, self.c.retry_after);
         // The store waits for fsync: off the proxy's threads.
         Flow::Await(Box::pin(async move {
-            let stored = tokio::task::spawn_blocking(move || queue.submit(job, body, max_queue))
-                .await
-                .unwrap_or_else(|e| Err(Refused::Store(e.to_string())));
+            // Opening the queue (on first use) and storing both touch the disk.
+            let stored = tokio::task::spawn_blocking(move || match turnpike_queue::installed() {
+                Some(queue) => queue.submit(job, body, max_queue),
+                None => Err(Refused::Store(
+                    "the queue is not running (see the log)".into(),
+                )),
+            })
+            .await
+            .unwrap_or_else(|e| Err(Refused::Store(e.to_string())));
             let resume: Resume = Box::new(move |ctx: &mut Ctx| match stored {
                 Ok(accepted) => Flow::Respond(accepted_reply(&accepted.id, accepted.repeated)),
                 Err(Refused::Full) => Flow::Respond(

@@ -71,6 +71,13 @@ fn job_ctx(job: &Job) -> Option<Ctx> {
         builder = builder.header(k.as_str(), v.as_slice());
     }
     let (mut parts, ()) = builder.body(()).ok()?.into_parts();
+    if let Some(host) = job
+        .host
+        .as_deref()
+        .and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        parts.headers.insert(http::header::HOST, host);
+    }
     let id = HeaderValue::from_str(&job.id).ok()?;
     parts
         .headers
@@ -86,16 +93,35 @@ fn job_ctx(job: &Job) -> Option<Ctx> {
             .headers
             .insert(HeaderName::from_static("x-consumer-username"), consumer);
     }
+    // The client's address and scheme, for X-Forwarded-*.
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let conn = Arc::new(Conn::new(loopback, loopback, "http"));
-    Some(Ctx::new(parts, conn, id))
+    let remote = job
+        .remote
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(loopback);
+    let scheme = if job.scheme.as_deref() == Some("https") {
+        "https"
+    } else {
+        "http"
+    };
+    let conn = Arc::new(Conn::new(remote, loopback, scheme));
+    let mut ctx = Ctx::new(parts, conn, id);
+    ctx.upstream_host = job
+        .upstream_host
+        .as_deref()
+        .and_then(|h| HeaderValue::from_str(h).ok());
+    Some(ctx)
 }
 
 /// The body, at most `max` bytes of it; whether it was cut.
 async fn read_at_most(mut body: ProxyBody, max: usize) -> (Bytes, bool) {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            // Cut short by the upstream: say so rather than pass it as whole.
+            return (buf.freeze(), true);
+        };
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > max {
                 buf.extend_from_slice(&data[..max - buf.len()]);
@@ -131,7 +157,7 @@ pub(crate) async fn result(
     conn: Arc<Conn>,
     request_id: HeaderValue,
 ) -> Response<ProxyBody> {
-    let Some(queue) = turnpike_queue::installed() else {
+    let Some(queue) = turnpike_queue::running() else {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error_msg": "no asynchronous queue on this gateway"}),
@@ -143,7 +169,7 @@ pub(crate) async fn result(
         .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("wait=")))
         .and_then(|w| w.parse::<u64>().ok())
         .map_or(0, |w| w.min(MAX_WAIT));
-    let found = match queue.find(id) {
+    let found = match queue.lookup(id).await {
         Ok(f) => f,
         Err(e) => return unavailable(&format!("{e:?}")),
     };

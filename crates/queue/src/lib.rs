@@ -50,8 +50,19 @@ pub struct Job {
     /// Whether anyone holding the id may read the result.
     pub public: bool,
     pub method: String,
-    /// Path and query, as received.
+    /// Path and query, as the plugins before left them.
     pub uri: String,
+    /// The client's `Host` (or HTTP/2 authority), and the one a plugin
+    /// chose for the upstream.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub upstream_host: Option<String>,
+    /// The client's address and scheme, for `X-Forwarded-*`.
+    #[serde(default)]
+    pub remote: Option<String>,
+    #[serde(default)]
+    pub scheme: Option<String>,
     pub headers: Vec<(String, Vec<u8>)>,
     /// Unix milliseconds.
     pub submitted: u64,
@@ -184,10 +195,19 @@ pub type Executor = Arc<
 
 #[derive(Default)]
 struct Lane {
-    /// Job ids waiting, oldest first.
-    waiting: VecDeque<String>,
+    /// Jobs waiting, oldest first.
+    waiting: VecDeque<Waiting>,
     running: usize,
     concurrency: usize,
+}
+
+struct Waiting {
+    id: String,
+    /// Unix milliseconds.
+    expires: u64,
+    /// Taken by a worker before a crash: it runs again whatever its ttl,
+    /// since its call may have reached the upstream.
+    taken: bool,
 }
 
 /// The gateway's queue, once it runs (the plugin finds it here).
@@ -216,6 +236,12 @@ pub fn configure(dir: &Path, runtime: tokio::runtime::Handle, exec: Executor, on
     if SETUP.set(setup).is_ok() && dir.join(FILE).exists() {
         let _ = installed();
     }
+}
+
+/// The gateway's queue if it is open, without opening it (readers: a
+/// gateway that never queued has no results).
+pub fn running() -> Option<Arc<Queue>> {
+    INSTALLED.get().cloned()
 }
 
 /// The gateway's queue, opened (and its workers started) on first use;
@@ -267,9 +293,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A job id: 32 hex digits, random.
+/// A job id: 32 hex digits from the system's secure random source (the
+/// id is what guards results of requests made without a consumer).
 pub fn new_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // The OS random source failing is not recoverable in any useful way.
+        bytes = fastrand::u128(..).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Queue {
@@ -320,29 +353,60 @@ impl Queue {
         for r in &open {
             let lane = lanes.entry(r.job.route.clone()).or_default();
             lane.concurrency = r.job.concurrency.max(1) as usize;
-            lane.waiting.push_back(r.job.id.clone());
+            lane.waiting.push_back(Waiting {
+                id: r.job.id.clone(),
+                expires: r.job.expires,
+                taken: r.status == Status::Running,
+            });
         }
         Ok(open.len())
     }
 
+    /// The idempotency key's entry: per route, and per consumer (or, for
+    /// requests without one, per client address).
+    fn idempotency(job: &Job) -> Option<String> {
+        let key = job.idempotency_key.as_ref()?;
+        let who = match (&job.consumer, &job.remote) {
+            (Some(c), _) => format!("consumer {c}"),
+            (None, Some(addr)) => format!(
+                "client {}",
+                addr.rsplit_once(':').map_or(addr.as_str(), |(ip, _)| ip)
+            ),
+            (None, None) => return None,
+        };
+        Some(format!("{}\n{who}\n{key}", job.route))
+    }
+
     /// Stores a job; returns its id once it is durable. The same
-    /// idempotency key from the same consumer returns the first job's id
-    /// while that job is kept.
+    /// idempotency key from the same consumer on the same route returns
+    /// the first job's id while that job is kept: the check and the store
+    /// are one transaction.
     pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
-        let idem = job
-            .idempotency_key
-            .as_ref()
-            .map(|k| format!("{}\n{k}", job.consumer.as_deref().unwrap_or("")));
-        if let Some(key) = &idem {
-            if let Some(id) = self.idempotent(key)? {
-                return Ok(Accepted { id, repeated: true });
-            }
-        }
-        if self.waiting(&job.route) >= max_queue {
+        let idem = Queue::idempotency(&job);
+        if idem.is_none() && self.waiting(&job.route) >= max_queue {
             return Err(Refused::Full);
         }
         let txn = self.db.begin_write().map_err(fail)?;
         {
+            if let Some(key) = &idem {
+                let table = txn.open_table(IDEMPOTENCY).map_err(fail)?;
+                let first = table
+                    .get(key.as_str())
+                    .map_err(fail)?
+                    .map(|v| v.value().to_owned());
+                drop(table);
+                let records = txn.open_table(RECORDS).map_err(fail)?;
+                let kept = match &first {
+                    Some(id) => records.get(id.as_str()).map_err(fail)?.is_some(),
+                    None => false,
+                };
+                if let (Some(id), true) = (first, kept) {
+                    return Ok(Accepted { id, repeated: true });
+                }
+                if self.waiting(&job.route) >= max_queue {
+                    return Err(Refused::Full);
+                }
+            }
             let mut meta = txn.open_table(META).map_err(fail)?;
             let seq = meta.get("seq").map_err(fail)?.map_or(0, |v| v.value()) + 1;
             meta.insert("seq", seq).map_err(fail)?;
@@ -374,7 +438,11 @@ impl Queue {
             let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
             let lane = lanes.entry(job.route.clone()).or_default();
             lane.concurrency = job.concurrency.max(1) as usize;
-            lane.waiting.push_back(job.id.clone());
+            lane.waiting.push_back(Waiting {
+                id: job.id.clone(),
+                expires: job.expires,
+                taken: false,
+            });
         }
         self.work.notify_one();
         metrics::depth(self.depth());
@@ -382,14 +450,6 @@ impl Queue {
             id: job.id,
             repeated: false,
         })
-    }
-
-    fn idempotent(&self, key: &str) -> Result<Option<String>, Refused> {
-        let txn = self.db.begin_read().map_err(fail)?;
-        let table = txn.open_table(IDEMPOTENCY).map_err(fail)?;
-        let id = table.get(key).map_err(fail)?.map(|v| v.value().to_owned());
-        // Only while the job it names is kept.
-        Ok(id.filter(|id| self.record(id).ok().flatten().is_some()))
     }
 
     /// Jobs of `route` waiting for a worker.
@@ -413,7 +473,8 @@ impl Queue {
             .transpose()
     }
 
-    /// Where job `id` is.
+    /// Where job `id` is (reads the store: call it off the async threads,
+    /// or use [`Queue::lookup`]).
     pub fn find(&self, id: &str) -> Result<Found, Refused> {
         let Some(record) = self.record(id)? else {
             return Ok(Found::Unknown);
@@ -423,6 +484,7 @@ impl Queue {
         {
             return Ok(Found::Unknown);
         }
+        let (running, ahead) = self.place(&record.job.route, id);
         match record.status {
             Status::Done => {
                 let txn = self.db.begin_read().map_err(fail)?;
@@ -445,109 +507,212 @@ impl Queue {
                 })
             }
             Status::Expired => Ok(Found::Expired { job: record.job }),
-            _ if record.job.expires <= now_ms() && !self.is_running(id) => {
+            _ if running => Ok(Found::Waiting {
+                job: record.job,
+                status: Status::Running,
+                ahead: 0,
+            }),
+            _ if record.job.expires <= now_ms() && record.status == Status::Queued => {
                 Ok(Found::Expired { job: record.job })
             }
-            _ => {
-                let running = self.is_running(id);
-                let ahead = if running {
-                    0
-                } else {
-                    self.ahead(&record.job.route, id)
-                };
-                let status = if running {
-                    Status::Running
-                } else {
-                    Status::Queued
-                };
-                Ok(Found::Waiting {
-                    job: record.job,
-                    status,
-                    ahead,
-                })
-            }
+            _ => Ok(Found::Waiting {
+                job: record.job,
+                status: Status::Queued,
+                ahead,
+            }),
         }
     }
 
-    fn is_running(&self, id: &str) -> bool {
-        self.running
+    /// [`Queue::find`] on a blocking thread.
+    pub async fn lookup(self: &Arc<Self>, id: &str) -> Result<Found, Refused> {
+        let (queue, id) = (self.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || queue.find(&id))
+            .await
+            .map_err(fail)?
+    }
+
+    /// Whether the job runs now, and how many wait before it.
+    fn place(&self, route: &str, id: &str) -> (bool, usize) {
+        if self
+            .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(id)
-    }
-
-    fn ahead(&self, route: &str, id: &str) -> usize {
+        {
+            return (true, 0);
+        }
         let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        lanes
+        let ahead = lanes
             .get(route)
-            .and_then(|l| l.waiting.iter().position(|w| w == id))
-            .unwrap_or(0)
+            .and_then(|l| l.waiting.iter().position(|w| w.id == id));
+        (false, ahead.unwrap_or(0))
     }
 
     /// Waits up to `wait` for job `id` to end; returns what is found then.
-    pub async fn wait(&self, id: &str, wait: Duration) -> Result<Found, Refused> {
+    pub async fn wait(self: &Arc<Self>, id: &str, wait: Duration) -> Result<Found, Refused> {
         let mut ended = self.ended.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let found = self.find(id)?;
+            let found = self.lookup(id).await?;
             if found.settled() {
                 return Ok(found);
             }
-            // Wakes when any job ends, or when this one's ttl may have passed.
-            let expiry = found.job().map_or(0, |j| j.expires);
-            let until_expiry = Duration::from_millis(expiry.saturating_sub(now_ms()) + 1);
-            let wake = deadline.min(tokio::time::Instant::now() + until_expiry);
-            match tokio::time::timeout_at(wake, ended.recv()).await {
-                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(broadcast::error::RecvError::Closed)) => return self.find(id),
-                Err(_) if tokio::time::Instant::now() >= deadline => return self.find(id),
-                Err(_) => {}
+            // A queued job may expire before any job ends: wake for that.
+            let wake = match &found {
+                Found::Waiting {
+                    job,
+                    status: Status::Queued,
+                    ..
+                } => {
+                    let left = Duration::from_millis(job.expires.saturating_sub(now_ms()) + 1);
+                    deadline.min(tokio::time::Instant::now() + left)
+                }
+                _ => deadline,
+            };
+            loop {
+                match tokio::time::timeout_at(wake, ended.recv()).await {
+                    Ok(Ok(ended_id)) if ended_id != id => continue,
+                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return self.lookup(id).await,
+                    Err(_) if tokio::time::Instant::now() >= deadline => {
+                        return self.lookup(id).await
+                    }
+                    Err(_) => break,
+                }
             }
         }
     }
 
-    /// A receiver told the id of each job that ends.
-    pub fn ended(&self) -> broadcast::Receiver<String> {
-        self.ended.subscribe()
-    }
-
-    /// The next job a lane may start now, expired ones marked on the way.
+    /// The next job a lane may start now, marked running; expired ones
+    /// are marked on the way. Blocking (reads and writes the store).
     fn next(&self) -> Option<(Job, Bytes)> {
         loop {
-            let (route, id) = {
+            let (route, waiting) = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
                 let (route, lane) = lanes
                     .iter_mut()
                     .find(|(_, l)| !l.waiting.is_empty() && l.running < l.concurrency)?;
-                let id = lane.waiting.pop_front()?;
+                let waiting = lane.waiting.pop_front()?;
                 lane.running += 1;
-                (route.clone(), id)
+                // Running before the lock is let go: `find` never sees it nowhere.
+                self.running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(waiting.id.clone());
+                (route.clone(), waiting)
             };
-            let Ok(Some(record)) = self.record(&id) else {
-                self.release(&route);
-                continue;
+            let id = waiting.id.clone();
+            let record = match self.record(&id) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.finish_run(&route, &id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "async queue: cannot read {id}: {e:?}; it waits for the next round"
+                    );
+                    self.put_back(&route, waiting);
+                    return None;
+                }
             };
-            if record.job.expires <= now_ms() {
+            if !waiting.taken && record.job.expires <= now_ms() {
                 if let Err(e) = self.end(&record, Status::Expired, None) {
                     tracing::warn!("async queue: cannot mark {id} expired: {e:?}");
                 }
-                self.release(&record.job.route);
+                self.finish_run(&route, &id);
                 continue;
             }
-            let body = self.body(&id).unwrap_or_default();
-            self.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id);
+            let body = match self.body(&id) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("async queue: cannot read the body of {id}: {e:?}; it waits for the next round");
+                    self.put_back(&route, waiting);
+                    return None;
+                }
+            };
+            self.mark_running(&record);
             metrics::started(&record.job);
             return Some((record.job, body));
         }
     }
 
-    fn release(&self, route: &str) {
+    /// Records that a job was taken, without waiting for the disk: after a
+    /// crash it then runs again whatever its ttl (its call may have been
+    /// made). Lost in a crash before the next commit, the job only counts
+    /// as not taken.
+    fn mark_running(&self, record: &Record) {
+        let mut record = record.clone();
+        record.status = Status::Running;
+        let write = || -> Result<(), Refused> {
+            let mut txn = self.db.begin_write().map_err(fail)?;
+            txn.set_durability(redb::Durability::None);
+            let bytes = serde_json::to_vec(&record).map_err(fail)?;
+            txn.open_table(RECORDS)
+                .map_err(fail)?
+                .insert(record.job.id.as_str(), bytes.as_slice())
+                .map_err(fail)?;
+            txn.commit().map_err(fail)
+        };
+        if let Err(e) = write() {
+            tracing::warn!("async queue: cannot mark {} running: {e:?}", record.job.id);
+        }
+    }
+
+    /// Returns a taken job to the front of its lane.
+    fn put_back(&self, route: &str, waiting: Waiting) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&waiting.id);
         if let Some(lane) = lanes.get_mut(route) {
             lane.running = lane.running.saturating_sub(1);
+            lane.waiting.push_front(waiting);
+        }
+    }
+
+    /// A job left its lane's running set.
+    fn finish_run(&self, route: &str, id: &str) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(lane) = lanes.get_mut(route) {
+            lane.running = lane.running.saturating_sub(1);
+        }
+    }
+
+    /// Marks the waiting jobs whose ttl passed as expired, so they stop
+    /// counting against `max_queue` and their webhooks go now.
+    fn expire_waiting(&self) {
+        let now = now_ms();
+        let gone: Vec<String> = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut gone = Vec::new();
+            for lane in lanes.values_mut() {
+                lane.waiting.retain(|w| {
+                    let expired = !w.taken && w.expires <= now;
+                    if expired {
+                        gone.push(w.id.clone());
+                    }
+                    !expired
+                });
+            }
+            lanes.retain(|_, l| !l.waiting.is_empty() || l.running > 0);
+            gone
+        };
+        for id in gone {
+            match self.record(&id) {
+                Ok(Some(record)) => {
+                    if let Err(e) = self.end(&record, Status::Expired, None) {
+                        tracing::warn!("async queue: cannot mark {id} expired: {e:?}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("async queue: cannot read {id}: {e:?}"),
+            }
         }
     }
 
@@ -600,51 +765,76 @@ impl Queue {
     }
 
     /// Runs jobs with `exec` until the queue is dropped: each lane at most
-    /// its concurrency at a time; finished jobs past their result TTL are
-    /// swept.
+    /// its concurrency at a time. Every second, waiting jobs past their
+    /// ttl are expired; every [`SWEEP`], results past theirs are removed.
+    /// The store is touched on blocking threads only.
     pub async fn run(self: Arc<Self>, exec: Executor) {
-        let mut sweep = tokio::time::interval(SWEEP);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         loop {
             metrics::depth(self.depth());
-            while let Some((job, body)) = self.next() {
+            loop {
                 let queue = self.clone();
-                let exec = exec.clone();
-                tokio::spawn(async move {
-                    let id = job.id.clone();
-                    let route = job.route.clone();
-                    let started = std::time::Instant::now();
-                    let outcome = exec(job, body).await;
-                    metrics::ran(started.elapsed());
-                    match queue.record(&id) {
-                        Ok(Some(record)) => {
-                            if let Err(e) = queue.end(&record, Status::Done, Some(&outcome)) {
-                                tracing::error!(
-                                    "async queue: cannot store the result of {id}: {e:?}"
-                                );
-                            }
-                        }
-                        other => {
-                            tracing::warn!("async queue: job {id} vanished while it ran: {other:?}")
-                        }
-                    }
-                    queue
-                        .running
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                    queue.release(&route);
-                    queue.work.notify_one();
-                });
+                let picked = tokio::task::spawn_blocking(move || queue.next())
+                    .await
+                    .ok()
+                    .flatten();
+                let Some((job, body)) = picked else { break };
+                tokio::spawn(self.clone().work(exec.clone(), job, body));
             }
             tokio::select! {
                 _ = self.work.notified() => {}
-                _ = sweep.tick() => {
-                    if let Err(e) = self.sweep() {
-                        tracing::warn!("async queue: sweep failed: {e:?}");
-                    }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    let queue = self.clone();
+                    let sweep = ticks.is_multiple_of(SWEEP.as_secs());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        queue.expire_waiting();
+                        if sweep {
+                            if let Err(e) = queue.sweep() {
+                                tracing::warn!("async queue: sweep failed: {e:?}");
+                            }
+                        }
+                    })
+                    .await;
                 }
             }
         }
+    }
+
+    /// Runs one job and stores its answer; a job whose answer cannot be
+    /// stored goes back to its lane (and runs again: at-least-once).
+    async fn work(self: Arc<Self>, exec: Executor, job: Job, body: Bytes) {
+        let (id, route) = (job.id.clone(), job.route.clone());
+        let started = std::time::Instant::now();
+        let outcome = exec(job.clone(), body).await;
+        metrics::ran(started.elapsed());
+        let queue = self.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let record = queue
+                .record(&job.id)?
+                .ok_or_else(|| Refused::Store("the job vanished while it ran".into()))?;
+            queue.end(&record, Status::Done, Some(&outcome))
+        })
+        .await
+        .unwrap_or_else(|e| Err(fail(e)));
+        match stored {
+            Ok(()) => self.finish_run(&route, &id),
+            Err(e) => {
+                tracing::error!(
+                    "async queue: cannot store the result of {id}: {e:?}; it will run again"
+                );
+                self.put_back(
+                    &route,
+                    Waiting {
+                        id,
+                        expires: u64::MAX,
+                        taken: true,
+                    },
+                );
+            }
+        }
+        self.work.notify_one();
     }
 
     /// Removes ended jobs whose results are past their TTL, with their
@@ -677,8 +867,7 @@ impl Queue {
             for r in &gone {
                 records.remove(r.job.id.as_str()).map_err(fail)?;
                 results.remove(r.job.id.as_str()).map_err(fail)?;
-                if let Some(k) = &r.job.idempotency_key {
-                    let key = format!("{}\n{k}", r.job.consumer.as_deref().unwrap_or(""));
+                if let Some(key) = Queue::idempotency(&r.job) {
                     idem.remove(key.as_str()).map_err(fail)?;
                 }
             }

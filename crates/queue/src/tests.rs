@@ -15,6 +15,10 @@ fn job(route: &str, ttl_ms: u64) -> Job {
         public: false,
         method: "POST".into(),
         uri: "/slow".into(),
+        host: None,
+        upstream_host: None,
+        remote: Some("127.0.0.1:5000".into()),
+        scheme: None,
         headers: vec![("content-type".into(), b"text/plain".to_vec())],
         submitted: now,
         expires: now + ttl_ms,
@@ -145,5 +149,60 @@ async fn unfinished_jobs_survive_a_reopen_in_order() {
             other => panic!("{other:?}"),
         }
     }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_is_per_route_and_per_client() {
+    let d = dir("idem-scope");
+    let q = Queue::open(&d).unwrap();
+    let keyed = |route: &str, consumer: Option<&str>, remote: &str| {
+        let mut j = job(route, 60_000);
+        j.consumer = consumer.map(str::to_owned);
+        j.remote = Some(remote.into());
+        j.idempotency_key = Some("k".into());
+        j
+    };
+    let first = q
+        .submit(keyed("r1", None, "10.0.0.1:1000"), Bytes::new(), 100)
+        .unwrap();
+    // The same client (any port) repeats; another client or route does not.
+    assert!(
+        q.submit(keyed("r1", None, "10.0.0.1:2000"), Bytes::new(), 100)
+            .unwrap()
+            .repeated
+    );
+    assert!(
+        !q.submit(keyed("r1", None, "10.0.0.2:1000"), Bytes::new(), 100)
+            .unwrap()
+            .repeated
+    );
+    assert!(
+        !q.submit(keyed("r2", None, "10.0.0.1:1000"), Bytes::new(), 100)
+            .unwrap()
+            .repeated
+    );
+    assert_eq!(
+        q.submit(keyed("r1", None, "10.0.0.1:3000"), Bytes::new(), 100)
+            .unwrap()
+            .id,
+        first.id
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_waiting_jobs_stop_counting_against_the_queue() {
+    let d = dir("expire-waiting");
+    let q = Queue::open(&d).unwrap();
+    q.submit(job("r1", 1), Bytes::new(), 1).unwrap();
+    assert_eq!(
+        q.submit(job("r1", 60_000), Bytes::new(), 1),
+        Err(Refused::Full)
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    q.expire_waiting();
+    assert_eq!(q.waiting("r1"), 0);
+    assert!(q.submit(job("r1", 60_000), Bytes::new(), 1).is_ok());
     let _ = std::fs::remove_dir_all(&d);
 }
