@@ -274,8 +274,24 @@ pub fn installed() -> Option<Arc<Queue>> {
 /// The queue's file, in its directory.
 const FILE: &str = "queue.redb";
 
+/// A submission waiting for its group's commit.
+struct Pending {
+    job: Job,
+    body: Bytes,
+    max_queue: usize,
+    reply: std::sync::mpsc::SyncSender<Result<Accepted, Refused>>,
+}
+
+#[derive(Default)]
+struct Batch {
+    pending: Vec<Pending>,
+    /// A submitter is committing; others leave theirs in `pending`.
+    committing: bool,
+}
+
 pub struct Queue {
     db: Database,
+    batch: Mutex<Batch>,
     lanes: Mutex<HashMap<String, Lane>>,
     running: Mutex<HashSet<String>>,
     work: Notify,
@@ -323,6 +339,7 @@ impl Queue {
         txn.commit().map_err(|e| e.to_string())?;
         let queue = Queue {
             db,
+            batch: Mutex::default(),
             lanes: Mutex::default(),
             running: Mutex::default(),
             work: Notify::new(),
@@ -381,75 +398,134 @@ impl Queue {
     /// idempotency key from the same consumer on the same route returns
     /// the first job's id while that job is kept: the check and the store
     /// are one transaction.
+    ///
+    /// Group commit: submissions that arrive while a commit is under way
+    /// wait and are committed together in the next transaction (one fsync
+    /// for all of them), by whichever of them came first.
     pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
-        let idem = Queue::idempotency(&job);
-        if idem.is_none() && self.waiting(&job.route) >= max_queue {
-            return Err(Refused::Full);
-        }
-        let txn = self.db.begin_write().map_err(fail)?;
-        {
-            if let Some(key) = &idem {
-                let table = txn.open_table(IDEMPOTENCY).map_err(fail)?;
-                let first = table
-                    .get(key.as_str())
-                    .map_err(fail)?
-                    .map(|v| v.value().to_owned());
-                drop(table);
-                let records = txn.open_table(RECORDS).map_err(fail)?;
-                let kept = match &first {
-                    Some(id) => records.get(id.as_str()).map_err(fail)?.is_some(),
-                    None => false,
-                };
-                if let (Some(id), true) = (first, kept) {
-                    return Ok(Accepted { id, repeated: true });
-                }
-                if self.waiting(&job.route) >= max_queue {
-                    return Err(Refused::Full);
-                }
-            }
-            let mut meta = txn.open_table(META).map_err(fail)?;
-            let seq = meta.get("seq").map_err(fail)?.map_or(0, |v| v.value()) + 1;
-            meta.insert("seq", seq).map_err(fail)?;
-            let record = Record {
-                job: job.clone(),
-                seq,
-                status: Status::Queued,
-                answer: None,
-                finished: None,
-            };
-            let bytes = serde_json::to_vec(&record).map_err(fail)?;
-            txn.open_table(RECORDS)
-                .map_err(fail)?
-                .insert(job.id.as_str(), bytes.as_slice())
-                .map_err(fail)?;
-            txn.open_table(BODIES)
-                .map_err(fail)?
-                .insert(job.id.as_str(), body.as_ref())
-                .map_err(fail)?;
-            if let Some(key) = &idem {
-                txn.open_table(IDEMPOTENCY)
-                    .map_err(fail)?
-                    .insert(key.as_str(), job.id.as_str())
-                    .map_err(fail)?;
-            }
-        }
-        txn.commit().map_err(fail)?;
-        {
-            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-            let lane = lanes.entry(job.route.clone()).or_default();
-            lane.concurrency = job.concurrency.max(1) as usize;
-            lane.waiting.push_back(Waiting {
-                id: job.id.clone(),
-                expires: job.expires,
-                taken: false,
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let lead = {
+            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            batch.pending.push(Pending {
+                job,
+                body,
+                max_queue,
+                reply,
             });
+            !std::mem::replace(&mut batch.committing, true)
+        };
+        if lead {
+            loop {
+                let group = {
+                    let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+                    if batch.pending.is_empty() {
+                        batch.committing = false;
+                        break;
+                    }
+                    std::mem::take(&mut batch.pending)
+                };
+                self.commit_group(group);
+            }
+        }
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(Refused::Store("the submission was lost".into())))
+    }
+
+    /// Stores a group of submissions in one transaction and answers each.
+    fn commit_group(&self, group: Vec<Pending>) {
+        let mut answers: Vec<(Pending, Result<Accepted, Refused>)> =
+            Vec::with_capacity(group.len());
+        let stored = self.store_group(group, &mut answers);
+        for (p, answer) in answers {
+            let answer = match (&stored, answer) {
+                (Err(e), Ok(a)) if !a.repeated => Err(e.clone()),
+                (_, answer) => answer,
+            };
+            if matches!(&answer, Ok(a) if !a.repeated) {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                let lane = lanes.entry(p.job.route.clone()).or_default();
+                lane.concurrency = p.job.concurrency.max(1) as usize;
+                let (id, expires) = (p.job.id.clone(), p.job.expires);
+                lane.waiting.push_back(Waiting {
+                    id,
+                    expires,
+                    taken: false,
+                });
+            }
+            let _ = p.reply.send(answer);
         }
         self.work.notify_one();
         metrics::depth(self.depth());
-        Ok(Accepted {
-            id: job.id,
-            repeated: false,
-        })
+    }
+
+    /// Writes the group's jobs (answering repeats and full lanes at once);
+    /// the error is the commit's.
+    fn store_group(
+        &self,
+        group: Vec<Pending>,
+        answers: &mut Vec<(Pending, Result<Accepted, Refused>)>,
+    ) -> Result<(), Refused> {
+        let txn = self.db.begin_write().map_err(fail)?;
+        {
+            let mut meta = txn.open_table(META).map_err(fail)?;
+            let mut records = txn.open_table(RECORDS).map_err(fail)?;
+            let mut bodies = txn.open_table(BODIES).map_err(fail)?;
+            let mut idem = txn.open_table(IDEMPOTENCY).map_err(fail)?;
+            let mut seq = meta.get("seq").map_err(fail)?.map_or(0, |v| v.value());
+            let mut added: HashMap<String, usize> = HashMap::new();
+            for p in group {
+                let key = Queue::idempotency(&p.job);
+                if let Some(key) = &key {
+                    let first = idem
+                        .get(key.as_str())
+                        .map_err(fail)?
+                        .map(|v| v.value().to_owned());
+                    let kept = match &first {
+                        Some(id) => records.get(id.as_str()).map_err(fail)?.is_some(),
+                        None => false,
+                    };
+                    if let (Some(id), true) = (first, kept) {
+                        answers.push((p, Ok(Accepted { id, repeated: true })));
+                        continue;
+                    }
+                }
+                let route_added = added.entry(p.job.route.clone()).or_default();
+                if self.waiting(&p.job.route) + *route_added >= p.max_queue {
+                    answers.push((p, Err(Refused::Full)));
+                    continue;
+                }
+                *route_added += 1;
+                seq += 1;
+                let record = Record {
+                    job: p.job.clone(),
+                    seq,
+                    status: Status::Queued,
+                    answer: None,
+                    finished: None,
+                };
+                let bytes = serde_json::to_vec(&record).map_err(fail)?;
+                records
+                    .insert(p.job.id.as_str(), bytes.as_slice())
+                    .map_err(fail)?;
+                bodies
+                    .insert(p.job.id.as_str(), p.body.as_ref())
+                    .map_err(fail)?;
+                if let Some(key) = &key {
+                    idem.insert(key.as_str(), p.job.id.as_str()).map_err(fail)?;
+                }
+                let id = p.job.id.clone();
+                answers.push((
+                    p,
+                    Ok(Accepted {
+                        id,
+                        repeated: false,
+                    }),
+                ));
+            }
+            meta.insert("seq", seq).map_err(fail)?;
+        }
+        txn.commit().map_err(fail)
     }
 
     /// Jobs of `route` waiting for a worker.

@@ -206,3 +206,48 @@ async fn expired_waiting_jobs_stop_counting_against_the_queue() {
     assert!(q.submit(job("r1", 60_000), Bytes::new(), 1).is_ok());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn concurrent_submissions_commit_in_groups_and_lose_nothing() {
+    let d = dir("group");
+    let q = Queue::open(&d).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|i| {
+                        let mut j = job("r1", 60_000);
+                        // Every thread also sends one shared key.
+                        if i == 0 {
+                            j.idempotency_key = Some("shared".into());
+                        }
+                        let a = q
+                            .submit(j, Bytes::from(format!("{t}-{i}")), 10_000)
+                            .unwrap();
+                        (a.id, a.repeated)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let all: Vec<(String, bool)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let fresh: std::collections::HashSet<&String> =
+        all.iter().filter(|(_, r)| !r).map(|(id, _)| id).collect();
+    assert_eq!(
+        fresh.len(),
+        8 * 49 + 1,
+        "one job for the shared key, one for each other"
+    );
+    assert_eq!(q.waiting("r1"), fresh.len());
+    drop(q);
+    assert_eq!(
+        Queue::open(&d).unwrap().waiting("r1"),
+        8 * 49 + 1,
+        "all durable"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
