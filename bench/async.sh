@@ -15,22 +15,15 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-50}
 SAMPLES=${SAMPLES:-300}
 
-need() { command -v "$1" >/dev/null 2>&1; }
-install() { # command package
-    need "$1" && return 0
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get install -y -q "$2" >/dev/null 2>&1 ||
-        { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$2" >/dev/null; }
-}
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 install wrk wrk
 install python3 python3
-[ "${SKIP_BUILD:-0}" = 1 ] || (cd "$ROOT" && cargo build --release -q -p turnpike)
-BIN=${TURNPIKE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/turnpike}
+build_turnpike
+BIN=$TURNPIKE_BIN
 
 TMP=$(mktemp -d)
 trap 'kill "$GW" 2>/dev/null || true; rm -rf "$TMP"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 P=$(port); S=$(port)
 cat > "$TMP/gw.yaml" <<YAML
 gateway:

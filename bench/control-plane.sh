@@ -15,22 +15,13 @@ set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 
-need() { command -v "$1" >/dev/null 2>&1; }
-install() { # command package
-    need "$1" && return 0
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get install -y -q "$2" >/dev/null 2>&1 ||
-        { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$2" >/dev/null; }
-}
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 install etcd etcd-server
 install wrk wrk
 install python3 python3
 
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -q -p turnpike)
-fi
-export TURNPIKE_BIN=${TURNPIKE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/turnpike}
+build_turnpike
 mkdir -p "$BENCH_DIR/out"
 out="$BENCH_DIR/out/control-plane-$(date -u +%Y%m%dT%H%M%SZ).txt"
 {

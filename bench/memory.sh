@@ -4,15 +4,17 @@
 #
 #   bench/memory.sh            (SKIP_BUILD=1 to use an existing release binary)
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN=${TURNPIKE_BIN:-$ROOT/target/release/turnpike}
-[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p turnpike --manifest-path "$ROOT/Cargo.toml"
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
+build_turnpike
+BIN=$TURNPIKE_BIN
 TMP=$(mktemp -d)
 PID=""
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$TMP"; }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 wait_ready() {
     for _ in $(seq 1 200); do

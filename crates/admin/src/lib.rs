@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State as Extract};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -37,15 +36,15 @@ pub type Validate = Arc<dyn Fn(&BTreeMap<String, Value>) -> Result<(), Vec<Strin
 
 /// Where reads come from, and whether writes are allowed.
 pub enum Backend {
-    /// `config_provider: file`: the file's resources, replaced on reload.
-    ReadOnly(Arc<ArcSwap<State>>),
+    /// `config_provider: file`: the file's resources, read when asked.
+    ReadOnly(Arc<dyn Fn() -> Arc<State> + Send + Sync>),
     Store(Arc<Store>),
 }
 
 impl Backend {
     fn state(&self) -> Arc<State> {
         match self {
-            Backend::ReadOnly(s) => s.load_full(),
+            Backend::ReadOnly(read) => read(),
             Backend::Store(s) => s.state(),
         }
     }

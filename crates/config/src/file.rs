@@ -51,9 +51,6 @@ pub struct Resources {
 pub struct ConfigFile {
     pub gateway: Gateway,
     pub resources: Resources,
-    /// The file as read (YAML turned JSON), for the Admin API to show and
-    /// for importing into a store.
-    pub raw: Value,
     /// Fields that were read but are not known, as `resource: path` lines.
     pub warnings: Vec<String>,
 }
@@ -86,10 +83,7 @@ pub fn parse(text: &str) -> Result<ConfigFile, Vec<ConfigError>> {
         }
     };
     let mut reader = Reader::default();
-    let mut file = ConfigFile {
-        raw: Value::Object(root.clone()),
-        ..ConfigFile::default()
-    };
+    let mut file = ConfigFile::default();
     for (key, value) in root {
         if key == "gateway" {
             if let Some(g) = reader.one::<Gateway>("gateway", "", value) {
@@ -105,6 +99,12 @@ pub fn parse(text: &str) -> Result<ConfigFile, Vec<ConfigError>> {
     } else {
         Err(reader.errors)
     }
+}
+
+/// The file's text as JSON, unchecked: for the Admin API to show the
+/// file's resources, and to import them into a store.
+pub fn parse_raw(text: &str) -> Result<Value, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| ConfigError::new("file", "", e.to_string()))
 }
 
 /// Reads resource lists given as `{"routes": [...], ...}`: a store's

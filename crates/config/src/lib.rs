@@ -26,7 +26,7 @@ mod snapshot;
 mod watch;
 
 pub use compile::compile;
-pub use file::{known_kind, load, parse, read_resources, ConfigFile, Resources, KINDS};
+pub use file::{known_kind, load, parse, parse_raw, read_resources, ConfigFile, Resources, KINDS};
 pub use gateway::{parse_duration, Admin, AdminKey, Dns, Etcd, Gateway, Provider, Redis, Status};
 pub use snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,

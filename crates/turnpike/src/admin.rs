@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use turnpike_admin::{Admin, Backend, Key, Settings};
 use turnpike_config::{ConfigError, Gateway};
 use turnpike_store::{State, Store};
@@ -73,11 +72,26 @@ fn parse_net(s: &str) -> Option<ipnet::IpNet> {
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
+/// The config file's resources as the Admin API shows them, read when
+/// asked (so reloads and memory never pay for it), at the revision served.
+fn file_view(
+    path: &std::path::Path,
+    shared: Arc<turnpike_proxy::Shared>,
+) -> Arc<dyn Fn() -> Arc<State> + Send + Sync> {
+    let path = path.to_path_buf();
+    Arc::new(move || {
+        let revision = shared.snapshot.load().revision;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let raw = turnpike_config::parse_raw(&text).unwrap_or_default();
+        Arc::new(turnpike_store::file_state(&raw, revision))
+    })
+}
+
 /// Starts the Admin API when `gateway.admin` is set.
 pub async fn start(
     g: &Gateway,
     store: Option<&Arc<Store>>,
-    file_view: &Arc<ArcSwap<State>>,
+    path: &std::path::Path,
     shared: &Arc<turnpike_proxy::Shared>,
     registry: &Arc<turnpike_store::Registry>,
 ) -> std::io::Result<()> {
@@ -100,7 +114,7 @@ pub async fn start(
     };
     let backend = match store {
         Some(s) => Backend::Store(s.clone()),
-        None => Backend::ReadOnly(file_view.clone()),
+        None => Backend::ReadOnly(file_view(path, shared.clone())),
     };
     let validate = crate::source::validator(shared.clone());
     let api = Admin::new(

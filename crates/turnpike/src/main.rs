@@ -9,12 +9,11 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
 use turnpike_proxy::{serve_status, start_health_checks, Server, Shared};
-use turnpike_store::{file_state, Store};
+use turnpike_store::Store;
 
 mod admin;
 mod discovery;
@@ -302,10 +301,6 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     for w in &snapshot.warnings {
         tracing::warn!("{w}");
     }
-    let file_view = Arc::new(ArcSwap::from_pointee(file_state(
-        &file.raw,
-        snapshot.revision,
-    )));
     let gateway = file.gateway;
     let routes = snapshot.routes.len();
     let runtime = tokio::runtime::Handle::current();
@@ -320,7 +315,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
         shared.clone(),
     )?;
     let status = serve_status(&gateway.status.listen, shared.clone()).await?;
-    admin::start(&gateway, store.as_ref(), &file_view, &shared, &registry).await?;
+    admin::start(&gateway, store.as_ref(), path, &shared, &registry).await?;
     let _store_health = store.as_ref().and_then(source::watch_health);
     let _registry_health = source::registry_health(&registry);
     let from = store
@@ -335,7 +330,6 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
         last: Mutex::new(std::fs::read_to_string(path).ok()),
         runtime,
         store: store.clone(),
-        file_view,
     });
     let _ = RELOADER.set(Arc::downgrade(&reloader));
     discovery::on_change(|| {
@@ -423,8 +417,6 @@ struct Reloader {
     runtime: tokio::runtime::Handle,
     /// The store, when the file is not the source.
     store: Option<Arc<Store>>,
-    /// The file's resources, for the Admin API to read (file source).
-    file_view: Arc<ArcSwap<turnpike_store::State>>,
 }
 
 impl Reloader {
@@ -465,8 +457,6 @@ impl Reloader {
                     if settings_changed(&self.gateway, &file.gateway) {
                         tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
                     }
-                    self.file_view
-                        .store(Arc::new(file_state(&file.raw, snapshot.revision)));
                 }
                 let (revision, routes) = (snapshot.revision, snapshot.routes.len());
                 start_health_checks(&snapshot, &self.runtime);

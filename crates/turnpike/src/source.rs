@@ -16,7 +16,9 @@ use turnpike_store::{
 /// store takes the file's resources once; etcd waits until it answers.
 pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, String> {
     let g = &file.gateway;
-    let in_file = file_state(&file.raw, 1);
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let raw = turnpike_config::parse_raw(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let in_file = file_state(&raw, 1);
     let store = match g.config_provider {
         Provider::File => return Ok(None),
         Provider::Embedded => {
