@@ -16,9 +16,6 @@ use turnpike_store::{
 /// store takes the file's resources once; etcd waits until it answers.
 pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, String> {
     let g = &file.gateway;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let raw = turnpike_config::parse_raw(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let in_file = file_state(&raw, 1);
     let store = match g.config_provider {
         Provider::File => return Ok(None),
         Provider::Embedded => {
@@ -39,6 +36,11 @@ pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, 
         }
     };
     let store = Arc::new(store);
+    // The file's resources as a store holds them (read again here: only a
+    // store needs them this way).
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let raw = turnpike_config::parse_raw(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let in_file = file_state(&raw, 1);
     if !in_file.items.is_empty() {
         if matches!(*store, Store::Embedded(_)) && store.state().revision == 0 {
             // A file that does not compile is refused, not imported.
