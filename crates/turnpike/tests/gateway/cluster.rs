@@ -26,6 +26,20 @@ async fn nodes(etcd: &Etcd, n: usize) -> Vec<Managed> {
     out
 }
 
+/// A node on `etcd`, started without waiting for it to be ready; with its
+/// Admin API port.
+fn spawn_node(etcd: &Etcd) -> (Gateway, u16) {
+    let (port, status, admin) = (free_port(), free_port(), free_port());
+    let dir = TempDir::new();
+    let config = dir.path.join("turnpike.yaml");
+    std::fs::write(
+        &config,
+        managed_settings(port, status, admin, &provider(etcd)),
+    )
+    .unwrap();
+    (Gateway::spawn(dir, config, port, status), admin)
+}
+
 async fn health(node: &Managed) -> serde_json::Value {
     get(&format!(
         "http://127.0.0.1:{}/gateway/health",
@@ -179,15 +193,7 @@ async fn a_node_waits_for_etcd_and_a_compaction_loses_nothing() {
     etcd.ctl(&["put", "/apisix/routes/1", &route.to_string()]);
     etcd.stop();
     // Started while etcd is down: waits, says why, serves nothing yet.
-    let (port, status, admin) = (free_port(), free_port(), free_port());
-    let dir = TempDir::new();
-    let config = dir.path.join("turnpike.yaml");
-    std::fs::write(
-        &config,
-        managed_settings(port, status, admin, &provider(&etcd)),
-    )
-    .unwrap();
-    let gw = Gateway::spawn(dir, config, port, status);
+    let (gw, _) = spawn_node(&etcd);
     gw.wait_log("waiting for etcd before serving", 1).await;
     assert!(
         get(&gw.url("/first")).await.is_err(),
@@ -224,15 +230,8 @@ async fn a_broken_stored_config_is_mended_through_the_admin_api() {
     etcd.ctl(&["put", "/apisix/routes/bad", &broken.to_string()]);
     // A kind this build does not read is left alone, never an error.
     etcd.ctl(&["put", "/apisix/stream_routes/1", r#"{"server_port": 9100}"#]);
-    let (port, status, admin) = (free_port(), free_port(), free_port());
-    let dir = TempDir::new();
-    let config = dir.path.join("turnpike.yaml");
-    std::fs::write(
-        &config,
-        managed_settings(port, status, admin, &provider(&etcd)),
-    )
-    .unwrap();
-    let gw = Gateway::spawn(dir, config, port, status);
+    let (gw, admin) = spawn_node(&etcd);
+    let status = gw.status_port;
     gw.wait_log("does not compile", 1).await;
     let ready = get(&format!("http://127.0.0.1:{status}/readyz"))
         .await
