@@ -50,6 +50,20 @@ pub use flow::{Flow, Head, Pending, Reply, Resume};
 pub use registry::{typed, validator, Env, Factory, FieldError, Index, Registry};
 pub use schema::{fill_defaults, pointer_to_path};
 
+/// Whether `offered` is `secret` (a password, an API key), in time that
+/// depends on the offered length only: neither the secret's bytes nor its
+/// length show.
+pub fn same_secret(secret: &[u8], offered: &[u8]) -> bool {
+    if secret.is_empty() {
+        return offered.is_empty();
+    }
+    let mut diff = u8::from(secret.len() != offered.len());
+    for (i, b) in offered.iter().enumerate() {
+        diff |= secret[i % secret.len()] ^ b;
+    }
+    diff == 0
+}
+
 /// The most a plugin may make Turnpike hold of a request or response body
 /// in memory (request-validation, body-transformer, forward-auth's POST).
 /// A larger request body is refused with 413; a response body declared

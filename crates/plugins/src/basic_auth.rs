@@ -111,7 +111,7 @@ impl Plugin for BasicAuth {
         };
         match self.users.0.get(&user) {
             Some((password, consumer))
-                if crate::same_secret(password.as_bytes(), pass.as_bytes()) =>
+                if turnpike_plugin::same_secret(password.as_bytes(), pass.as_bytes()) =>
             {
                 ctx.consumer = Some(consumer.clone());
             }

@@ -105,14 +105,6 @@ pub(crate) fn config_digest(config: &serde_json::Value) -> u32 {
     crc32fast::hash(config.to_string().as_bytes())
 }
 
-/// Compares secrets in time that does not depend on where they differ.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Checks a configured header name, so a typo is refused at load rather
 /// than never matching.
 pub(crate) fn header_name(
@@ -241,9 +233,15 @@ mod tests {
 
     #[test]
     fn secrets_compare() {
+        use turnpike_plugin::same_secret;
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"ab"));
+        assert!(
+            !same_secret(b"abc", b"abcabc"),
+            "a repeat of the secret is not the secret"
+        );
+        assert!(same_secret(b"", b""));
     }
 
     #[test]
