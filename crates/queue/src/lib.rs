@@ -282,16 +282,60 @@ struct Pending {
     reply: std::sync::mpsc::SyncSender<Result<Accepted, Refused>>,
 }
 
-#[derive(Default)]
-struct Batch {
-    pending: Vec<Pending>,
-    /// A submitter is committing; others leave theirs in `pending`.
-    committing: bool,
+/// A job's end waiting for its group's commit.
+struct Ending {
+    record: Record,
+    outcome: Option<Outcome>,
+    reply: std::sync::mpsc::SyncSender<Result<(), Refused>>,
+}
+
+/// Group commit: writes that arrive while a commit is under way wait, and
+/// are committed together in the next transaction (one fsync for all) by
+/// whichever of them came first. Each item carries its own reply.
+struct Grouped<T> {
+    /// Waiting items, and whether a commit is under way.
+    state: Mutex<(Vec<T>, bool)>,
+}
+
+impl<T> Default for Grouped<T> {
+    fn default() -> Self {
+        Grouped {
+            state: Mutex::new((Vec::new(), false)),
+        }
+    }
+}
+
+impl<T> Grouped<T> {
+    /// Adds `item`. The caller that finds no commit under way commits
+    /// every group that gathers with `commit` until none is left; the
+    /// others return at once and wait for their reply.
+    fn add(&self, item: T, commit: impl Fn(Vec<T>)) {
+        let lead = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.0.push(item);
+            !std::mem::replace(&mut state.1, true)
+        };
+        if !lead {
+            return;
+        }
+        loop {
+            let group = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if state.0.is_empty() {
+                    state.1 = false;
+                    return;
+                }
+                std::mem::take(&mut state.0)
+            };
+            commit(group);
+        }
+    }
 }
 
 pub struct Queue {
     db: Database,
-    batch: Mutex<Batch>,
+    submissions: Grouped<Pending>,
+    endings: Grouped<Ending>,
     lanes: Mutex<HashMap<String, Lane>>,
     running: Mutex<HashSet<String>>,
     work: Notify,
@@ -339,7 +383,8 @@ impl Queue {
         txn.commit().map_err(|e| e.to_string())?;
         let queue = Queue {
             db,
-            batch: Mutex::default(),
+            submissions: Grouped::default(),
+            endings: Grouped::default(),
             lanes: Mutex::default(),
             running: Mutex::default(),
             work: Notify::new(),
@@ -399,34 +444,17 @@ impl Queue {
     /// the first job's id while that job is kept: the check and the store
     /// are one transaction.
     ///
-    /// Group commit: submissions that arrive while a commit is under way
-    /// wait and are committed together in the next transaction (one fsync
-    /// for all of them), by whichever of them came first.
+    /// Submissions are committed in groups (see [`Grouped`]).
     pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let lead = {
-            let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-            batch.pending.push(Pending {
-                job,
-                body,
-                max_queue,
-                reply,
-            });
-            !std::mem::replace(&mut batch.committing, true)
+        let pending = Pending {
+            job,
+            body,
+            max_queue,
+            reply,
         };
-        if lead {
-            loop {
-                let group = {
-                    let mut batch = self.batch.lock().unwrap_or_else(|e| e.into_inner());
-                    if batch.pending.is_empty() {
-                        batch.committing = false;
-                        break;
-                    }
-                    std::mem::take(&mut batch.pending)
-                };
-                self.commit_group(group);
-            }
-        }
+        self.submissions
+            .add(pending, |group| self.commit_group(group));
         answer
             .recv()
             .unwrap_or_else(|_| Err(Refused::Store("the submission was lost".into())))
@@ -802,6 +830,7 @@ impl Queue {
     }
 
     /// Stores how a job ended: its answer (done) or nothing (expired).
+    /// Ends are committed in groups (see [`Grouped`]).
     fn end(
         &self,
         record: &Record,
@@ -812,32 +841,53 @@ impl Queue {
         record.status = status;
         record.finished = Some(now_ms());
         record.answer = outcome.map(|o| o.answer.clone());
-        let id = record.job.id.as_str();
-        let txn = self.db.begin_write().map_err(fail)?;
-        {
-            let bytes = serde_json::to_vec(&record).map_err(fail)?;
-            txn.open_table(RECORDS)
-                .map_err(fail)?
-                .insert(id, bytes.as_slice())
-                .map_err(fail)?;
-            txn.open_table(BODIES)
-                .map_err(fail)?
-                .remove(id)
-                .map_err(fail)?;
-            if let Some(o) = outcome {
-                txn.open_table(RESULTS)
-                    .map_err(fail)?
-                    .insert(id, o.body.as_ref())
-                    .map_err(fail)?;
+        let outcome = outcome.map(|o| Outcome {
+            answer: o.answer.clone(),
+            body: o.body.clone(),
+        });
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let ending = Ending {
+            record,
+            outcome,
+            reply,
+        };
+        self.endings.add(ending, |group| self.store_ends(group));
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(Refused::Store("the result was lost".into())))
+    }
+
+    /// Stores a group of ends in one transaction, then tells each.
+    fn store_ends(&self, group: Vec<Ending>) {
+        let write = || -> Result<(), Refused> {
+            let txn = self.db.begin_write().map_err(fail)?;
+            {
+                let mut records = txn.open_table(RECORDS).map_err(fail)?;
+                let mut bodies = txn.open_table(BODIES).map_err(fail)?;
+                let mut results = txn.open_table(RESULTS).map_err(fail)?;
+                for e in &group {
+                    let id = e.record.job.id.as_str();
+                    let bytes = serde_json::to_vec(&e.record).map_err(fail)?;
+                    records.insert(id, bytes.as_slice()).map_err(fail)?;
+                    bodies.remove(id).map_err(fail)?;
+                    if let Some(o) = &e.outcome {
+                        results.insert(id, o.body.as_ref()).map_err(fail)?;
+                    }
+                }
             }
+            txn.commit().map_err(fail)
+        };
+        let stored = write();
+        for e in group {
+            if stored.is_ok() {
+                let _ = self.ended.send(e.record.job.id.clone());
+                metrics::ended(&e.record, e.outcome.as_ref());
+                if let Some(on_end) = &self.on_end {
+                    on_end(&e.record.job, e.outcome.as_ref());
+                }
+            }
+            let _ = e.reply.send(stored.clone());
         }
-        txn.commit().map_err(fail)?;
-        let _ = self.ended.send(id.to_owned());
-        metrics::ended(&record, outcome);
-        if let Some(on_end) = &self.on_end {
-            on_end(&record.job, outcome);
-        }
-        Ok(())
     }
 
     /// Runs jobs with `exec` until the queue is dropped: each lane at most
