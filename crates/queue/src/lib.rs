@@ -257,10 +257,9 @@ pub fn installed() -> Option<Arc<Queue>> {
     }
     let setup = SETUP.get()?;
     match Queue::open(&setup.dir) {
-        Ok(mut queue) => {
-            if let Some(q) = Arc::get_mut(&mut queue) {
-                q.on_end = Some(setup.on_end.clone());
-            }
+        Ok(queue) => {
+            let _ = queue.on_end.set(setup.on_end.clone());
+            let _ = queue.runtime.set(setup.runtime.clone());
             setup.runtime.spawn(queue.clone().run(setup.exec.clone()));
             Some(INSTALLED.get_or_init(|| queue).clone())
         }
@@ -289,46 +288,43 @@ struct Ending {
     reply: std::sync::mpsc::SyncSender<Result<(), Refused>>,
 }
 
-/// Group commit: writes that arrive while a commit is under way wait, and
-/// are committed together in the next transaction (one fsync for all) by
-/// whichever of them came first. Each item carries its own reply.
+/// Group commit: each kind of write has a thread of its own that takes
+/// every item waiting, commits them in one transaction (one fsync for all),
+/// and answers each through the item's reply. Ends with the queue.
 struct Grouped<T> {
-    /// Waiting items, and whether a commit is under way.
-    state: Mutex<(Vec<T>, bool)>,
+    tx: std::sync::mpsc::Sender<T>,
 }
 
-impl<T> Default for Grouped<T> {
-    fn default() -> Self {
-        Grouped {
-            state: Mutex::new((Vec::new(), false)),
-        }
-    }
-}
+/// The most items one transaction takes.
+const GROUP_MAX: usize = 1024;
 
-impl<T> Grouped<T> {
-    /// Adds `item`. The caller that finds no commit under way commits
-    /// every group that gathers with `commit` until none is left; the
-    /// others return at once and wait for their reply.
-    fn add(&self, item: T, commit: impl Fn(Vec<T>)) {
-        let lead = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.0.push(item);
-            !std::mem::replace(&mut state.1, true)
-        };
-        if !lead {
-            return;
-        }
-        loop {
-            let group = {
-                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if state.0.is_empty() {
-                    state.1 = false;
-                    return;
+impl<T: Send + 'static> Grouped<T> {
+    fn start(name: &str, commit: impl Fn(Vec<T>) + Send + 'static) -> Grouped<T> {
+        let (tx, rx) = std::sync::mpsc::channel::<T>();
+        let spawned = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    while group.len() < GROUP_MAX {
+                        match rx.try_recv() {
+                            Ok(more) => group.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    commit(group);
                 }
-                std::mem::take(&mut state.0)
-            };
-            commit(group);
+            });
+        if let Err(e) = spawned {
+            // Items then go unanswered, and each caller reports the loss.
+            tracing::error!("async queue: cannot start the {name} thread: {e}");
         }
+        Grouped { tx }
+    }
+
+    /// Hands `item` to the thread; its reply says how it went.
+    fn add(&self, item: T) {
+        let _ = self.tx.send(item);
     }
 }
 
@@ -340,7 +336,10 @@ pub struct Queue {
     running: Mutex<HashSet<String>>,
     work: Notify,
     ended: broadcast::Sender<String>,
-    on_end: Option<OnEnd>,
+    on_end: std::sync::OnceLock<OnEnd>,
+    /// Where `on_end` runs (it may spawn tasks), though ends are stored on
+    /// a thread of their own.
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 fn fail(e: impl std::fmt::Display) -> Refused {
@@ -381,21 +380,33 @@ impl Queue {
         txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
         txn.open_table(META).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        let queue = Queue {
-            db,
-            submissions: Grouped::default(),
-            endings: Grouped::default(),
-            lanes: Mutex::default(),
-            running: Mutex::default(),
-            work: Notify::new(),
-            ended: broadcast::channel(1024).0,
-            on_end: None,
-        };
+        let queue = Arc::new_cyclic(|me: &std::sync::Weak<Queue>| {
+            let (submit, end) = (me.clone(), me.clone());
+            Queue {
+                db,
+                submissions: Grouped::start("async-accept", move |group| {
+                    if let Some(q) = submit.upgrade() {
+                        q.commit_group(group);
+                    }
+                }),
+                endings: Grouped::start("async-result", move |group| {
+                    if let Some(q) = end.upgrade() {
+                        q.store_ends(group);
+                    }
+                }),
+                lanes: Mutex::default(),
+                running: Mutex::default(),
+                work: Notify::new(),
+                ended: broadcast::channel(1024).0,
+                on_end: std::sync::OnceLock::new(),
+                runtime: std::sync::OnceLock::new(),
+            }
+        });
         let requeued = queue.recover().map_err(|e| format!("{e:?}"))?;
         if requeued > 0 {
             tracing::info!("async queue: {requeued} accepted requests not finished before the last stop are queued again");
         }
-        Ok(Arc::new(queue))
+        Ok(queue)
     }
 
     /// Rebuilds the lanes from the records not ended.
@@ -444,7 +455,7 @@ impl Queue {
     /// the first job's id while that job is kept: the check and the store
     /// are one transaction.
     ///
-    /// Submissions are committed in groups (see [`Grouped`]).
+    /// Submissions are committed in groups (see `Grouped`).
     pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         let pending = Pending {
@@ -453,8 +464,7 @@ impl Queue {
             max_queue,
             reply,
         };
-        self.submissions
-            .add(pending, |group| self.commit_group(group));
+        self.submissions.add(pending);
         answer
             .recv()
             .unwrap_or_else(|_| Err(Refused::Store("the submission was lost".into())))
@@ -830,7 +840,7 @@ impl Queue {
     }
 
     /// Stores how a job ended: its answer (done) or nothing (expired).
-    /// Ends are committed in groups (see [`Grouped`]).
+    /// Ends are committed in groups (see `Grouped`).
     fn end(
         &self,
         record: &Record,
@@ -851,7 +861,7 @@ impl Queue {
             outcome,
             reply,
         };
-        self.endings.add(ending, |group| self.store_ends(group));
+        self.endings.add(ending);
         answer
             .recv()
             .unwrap_or_else(|_| Err(Refused::Store("the result was lost".into())))
@@ -878,11 +888,12 @@ impl Queue {
             txn.commit().map_err(fail)
         };
         let stored = write();
+        let _runtime = self.runtime.get().map(|r| r.enter());
         for e in group {
             if stored.is_ok() {
                 let _ = self.ended.send(e.record.job.id.clone());
                 metrics::ended(&e.record, e.outcome.as_ref());
-                if let Some(on_end) = &self.on_end {
+                if let Some(on_end) = self.on_end.get() {
                     on_end(&e.record.job, e.outcome.as_ref());
                 }
             }
