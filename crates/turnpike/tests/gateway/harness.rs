@@ -22,13 +22,41 @@ use tokio::net::TcpListener;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a process the test starts
+/// to listen on. Taken below Linux's ephemeral range (32768 and up), so no
+/// outgoing connection of another test's gateway can take it first as its
+/// local port, and never the same twice in this process.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = 20_000 + (fastrand_u16() % 12_000);
+        if given.contains(&port) {
+            continue;
+        }
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    // Crowded: let the OS choose.
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A pseudo-random number, without a dependency for it.
+fn fastrand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() as u16
 }
 
 pub fn full(data: impl Into<Bytes>) -> Body {
