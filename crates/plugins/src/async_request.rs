@@ -32,7 +32,7 @@ fn schema() -> Value {
             "max_queue": {"type": "integer", "minimum": 1, "maximum": 10000000, "default": 10000},
             "public_results": {"type": "boolean", "default": false},
             "retry_after": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 5},
-            "callback_url": {"type": "string", "pattern": "^http://"},
+            "callback_url": {"type": "string", "pattern": "^https?://"},
             "callback_secret": {"type": "string", "minLength": 16}
         },
         "additionalProperties": false
@@ -61,7 +61,11 @@ pub(crate) fn factory() -> Factory {
 }
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
-    Ok(Arc::new(AsyncRequest { c: typed(config)? }))
+    let c: Config = typed(config)?;
+    if let Some(url) = &c.callback_url {
+        crate::http_url(url, "callback_url")?;
+    }
+    Ok(Arc::new(AsyncRequest { c }))
 }
 
 impl Plugin for AsyncRequest {

@@ -33,7 +33,7 @@ fn schema() -> Value {
     json!({
         "type": "object",
         "properties": {
-            "uri": {"type": "string", "pattern": "^http://"},
+            "uri": {"type": "string", "pattern": "^https?://"},
             "ssl_verify": {"type": "boolean", "default": true},
             "request_method": {"type": "string", "enum": ["GET", "POST"], "default": "GET"},
             "request_headers": names,
@@ -94,10 +94,7 @@ fn names(list: &[String], field: &str) -> Result<Vec<HeaderName>, FieldError> {
 
 fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config)?;
-    let uri: Uri = c
-        .uri
-        .parse()
-        .map_err(|_| FieldError::new("uri", "not a valid URI"))?;
+    let uri: Uri = crate::http_url(&c.uri, "uri")?;
     let mut builder = Client::builder(TokioExecutor::new());
     if c.keepalive {
         builder
@@ -248,7 +245,13 @@ mod tests {
 
     #[test]
     fn https_and_missing_uri_are_refused() {
-        assert_eq!(errors(NAME, json!({"uri": "https://auth"}))[0].path, "uri");
+        let https = errors(NAME, json!({"uri": "https://auth"}));
+        assert_eq!(https[0].path, "uri");
+        assert!(
+            https[0].message.contains("not supported yet"),
+            "{}",
+            https[0].message
+        );
         assert!(!errors(NAME, json!({})).is_empty());
     }
 }

@@ -26,7 +26,7 @@ pub(crate) const PRIORITY: i32 = 410;
 fn schema() -> Value {
     let mut props = logger::properties();
     let own = json!({
-        "uri": {"type": "string", "pattern": "^http://"},
+        "uri": {"type": "string", "pattern": "^https?://"},
         "auth_header": {"type": "string"},
         "timeout": {"type": "integer", "minimum": 1, "default": 3},
         "concat_method": {"type": "string", "enum": ["json", "new_line"], "default": "json"},
@@ -101,10 +101,7 @@ impl Sink for Collector {
 
 fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     let c: Config = typed(config.clone())?;
-    let uri: Uri = c
-        .uri
-        .parse()
-        .map_err(|_| FieldError::new("uri", "not a valid URI"))?;
+    let uri: Uri = crate::http_url(&c.uri, "uri")?;
     let auth = match &c.auth_header {
         Some(a) => Some(
             HeaderValue::from_str(a)

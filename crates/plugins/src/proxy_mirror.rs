@@ -32,7 +32,7 @@ fn schema() -> Value {
     json!({
         "type": "object",
         "properties": {
-            "host": {"type": "string", "pattern": "^http://[^/]+$"},
+            "host": {"type": "string", "pattern": "^https?://[^/]+$"},
             "path": {"type": "string", "pattern": "^/[^?&]*$"},
             "path_concat_mode": {"type": "string", "enum": ["replace", "prefix"], "default": "replace"},
             "sample_ratio": {"type": "number", "minimum": 0.00001, "maximum": 1, "default": 1}
@@ -68,10 +68,7 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
 
 impl ProxyMirror {
     fn new(c: Config) -> Result<ProxyMirror, FieldError> {
-        let uri: Uri = c
-            .host
-            .parse()
-            .map_err(|_| FieldError::new("host", "not a valid URI"))?;
+        let uri: Uri = crate::http_url(&c.host, "host")?;
         let authority = uri
             .authority()
             .cloned()
