@@ -249,16 +249,9 @@ impl Compiler<'_> {
                 self.unrouted.extend(spec.map(|s| (label, s)));
                 continue;
             };
-            let timeouts = self.timeouts(&label, "timeout", r.timeout.as_ref(), upstream.timeouts);
+            let own_timeouts = self.timeout_override(&label, "timeout", r.timeout.as_ref());
+            let timeouts = own_timeouts.over(upstream.timeouts);
             let service_plugins = service.map_or(&[][..], |s| &s.plugins[..]);
-            let own_timeouts = r.timeout.as_ref().map_or_else(Default::default, |t| {
-                let valid = |v: Option<f64>| v.and_then(seconds).filter(|d| !d.is_zero());
-                TimeoutOverride {
-                    connect: valid(t.connect),
-                    send: valid(t.send),
-                    read: valid(t.read),
-                }
-            });
             routes.push(Route {
                 own_timeouts,
                 chain: Chain::merge([service_plugins, shared, &own[..]]),
@@ -682,12 +675,9 @@ impl Compiler<'_> {
             Some((_, Some(d))) if !d.is_zero() => Some(d),
             _ => None,
         };
-        let timeouts = self.timeouts(
-            label,
-            &at("timeout"),
-            u.timeout.as_ref(),
-            Timeouts::default(),
-        );
+        let timeouts = self
+            .timeout_override(label, &at("timeout"), u.timeout.as_ref())
+            .over(Timeouts::default());
         let keepalive = self.keepalive(
             label,
             &at("keepalive_pool"),
@@ -881,32 +871,33 @@ impl Compiler<'_> {
         }
     }
 
-    fn timeouts(
+    /// The timeouts a route or upstream sets itself, each checked; the
+    /// others are left to what it sits on.
+    fn timeout_override(
         &mut self,
         label: &str,
         at: &str,
         t: Option<&model::Timeout>,
-        base: Timeouts,
-    ) -> Timeouts {
-        let Some(t) = t else { return base };
-        let mut one = |name: &str, v: Option<f64>, default: Duration| match v {
-            None => default,
-            Some(s) => match seconds(s).filter(|d| !d.is_zero()) {
-                Some(d) => d,
-                None => {
-                    self.err(
-                        label,
-                        format!("{at}.{name}"),
-                        "must be more than 0 and at most 31536000 seconds",
-                    );
-                    default
-                }
-            },
+    ) -> TimeoutOverride {
+        let Some(t) = t else {
+            return TimeoutOverride::default();
         };
-        Timeouts {
-            connect: one("connect", t.connect, base.connect),
-            send: one("send", t.send, base.send),
-            read: one("read", t.read, base.read),
+        let mut one = |name: &str, v: Option<f64>| {
+            let s = v?;
+            let d = seconds(s).filter(|d| !d.is_zero());
+            if d.is_none() {
+                self.err(
+                    label,
+                    format!("{at}.{name}"),
+                    "must be more than 0 and at most 31536000 seconds",
+                );
+            }
+            d
+        };
+        TimeoutOverride {
+            connect: one("connect", t.connect),
+            send: one("send", t.send),
+            read: one("read", t.read),
         }
     }
 
