@@ -340,7 +340,10 @@ fn events(queue: Arc<turnpike_queue::Queue>, id: String, first: Found) -> Respon
             if tx.send(event).await.is_err() || last || tokio::time::Instant::now() >= deadline {
                 return;
             }
-            found = match queue.wait(&id, Duration::from_secs(15)).await {
+            found = match queue
+                .wait_change(&id, &found, Duration::from_secs(15))
+                .await
+            {
                 Ok(f) => f,
                 Err(_) => return,
             };

@@ -123,6 +123,14 @@ impl Record {
     }
 }
 
+/// A waiting job's status (`None` once it ended).
+fn waiting_status(found: &Found) -> Option<Status> {
+    match found {
+        Found::Waiting { status, .. } => Some(status.clone()),
+        _ => None,
+    }
+}
+
 /// What a status query finds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Found {
@@ -664,11 +672,35 @@ impl Queue {
 
     /// Waits up to `wait` for job `id` to end; returns what is found then.
     pub async fn wait(self: &Arc<Self>, id: &str, wait: Duration) -> Result<Found, Refused> {
+        self.wait_until(id, wait, Found::settled).await
+    }
+
+    /// Waits up to `wait` for job `id` to end or to change state from
+    /// `from` (queued to running); returns what is found then.
+    pub async fn wait_change(
+        self: &Arc<Self>,
+        id: &str,
+        from: &Found,
+        wait: Duration,
+    ) -> Result<Found, Refused> {
+        let before = waiting_status(from);
+        self.wait_until(id, wait, |f| f.settled() || waiting_status(f) != before)
+            .await
+    }
+
+    /// Waits up to `wait` until what is found of job `id` is `done`, waking
+    /// when some job starts or ends (and when a queued one may expire).
+    async fn wait_until(
+        self: &Arc<Self>,
+        id: &str,
+        wait: Duration,
+        done: impl Fn(&Found) -> bool,
+    ) -> Result<Found, Refused> {
         let mut ended = self.ended.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let found = self.lookup(id).await?;
-            if found.settled() {
+            if done(&found) {
                 return Ok(found);
             }
             // A queued job may expire before any job ends: wake for that.
@@ -747,6 +779,8 @@ impl Queue {
             };
             self.mark_running(&record);
             metrics::started(&record.job);
+            // Waiters on this job see it run.
+            let _ = self.ended.send(id.clone());
             return Some((record.job, body));
         }
     }

@@ -213,7 +213,9 @@ async fn a_thousand_accepted_requests_survive_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_push_the_result() {
     let up = Upstream::start("a").await;
-    let (gw, _data) = gateway(&route(&up.node(), "{}", "")).await;
+    // One at a time: the second waits behind the first, then runs.
+    let (gw, _data) = gateway(&route(&up.node(), "{concurrency: 1}", "")).await;
+    submit(&gw, "/slow?ms=500", &[]).await;
     let id = submit(&gw, "/slow?ms=300", &[]).await.json()["request_id"]
         .as_str()
         .unwrap()
@@ -224,6 +226,15 @@ async fn server_sent_events_push_the_result() {
     )
     .await;
     assert_eq!(r.status, 200);
+    let queued = r
+        .body
+        .find("\"status\":\"queued\"")
+        .expect("a queued event");
+    let running = r
+        .body
+        .find("\"status\":\"running\"")
+        .expect("a running event");
+    assert!(queued < running, "{}", r.body);
     assert_eq!(r.headers["content-type"], "text/event-stream");
     assert!(r.body.starts_with("event: status\ndata: "), "{}", r.body);
     let result = r
