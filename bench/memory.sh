@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Memory and load time: idle RSS with the example config, RSS with 10,000
+# Memory and load time: idle RSS with the example config and with the
+# plugins bench config (key-auth, proxy-rewrite, cors), RSS with 10,000
 # routes, and how long a reload of those 10,000 routes takes.
 #
 #   bench/memory.sh            (SKIP_BUILD=1 to use an existing release binary)
@@ -36,6 +37,16 @@ for workers in 1 0; do
     echo "idle RSS (example config, workers: $workers): $(rss_kib $PID) KiB"
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
 done
+
+# 1b. Idle, with bench/turnpike-plugins.yaml.tmpl: the plugins' schema
+# validators are compiled when a config first uses them.
+P=$(port); S=$(port); U=$(port)
+sed -e "s/@LISTEN_PORT@/$P/; s/@STATUS_PORT@/$S/; s/@UPSTREAM_PORT@/$U/" \
+    "$BENCH_DIR/turnpike-plugins.yaml.tmpl" > "$TMP/plugins.yaml"
+"$BIN" run -c "$TMP/plugins.yaml" > "$TMP/log" 2>&1 & PID=$!
+wait_ready "$S"; sleep 1
+echo "idle RSS (key-auth + proxy-rewrite + cors, workers: 1): $(rss_kib $PID) KiB"
+kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
 
 # 2. 10,000 routes: static, parameter, prefix and host routes over 50 upstreams.
 P=$(port); S=$(port)
