@@ -171,12 +171,12 @@ async fn guard(
         let why = format!("{ip} is not allowed (gateway.admin.allow_admin)");
         return Answer::error(StatusCode::FORBIDDEN, why).into_response();
     }
-    let query: BTreeMap<String, String> = req.uri().query().map(query_pairs).unwrap_or_default();
+    let query = Query(query_pairs(req.uri()));
     let offered = req
         .headers()
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .or(query.get("api_key").map(String::as_str));
+        .or(query.0.get("api_key").map(String::as_str));
     let Some(key) = admin.authorize(offered).cloned() else {
         return Answer::error(StatusCode::UNAUTHORIZED, "failed to check token").into_response();
     };
@@ -184,19 +184,21 @@ async fn guard(
         let why = "this key only reads (role: viewer)";
         return Answer::error(StatusCode::UNAUTHORIZED, why).into_response();
     }
+    // Read once here; `handle` takes it as it is.
     req.extensions_mut().insert(key);
+    req.extensions_mut().insert(query);
     next.run(req).await
 }
 
 async fn handle(
     Extract(admin): Extract<Arc<Admin>>,
     axum::Extension(key): axum::Extension<Key>,
+    axum::Extension(Query(query)): axum::Extension<Query>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Answer {
-    let query: BTreeMap<String, String> = uri.query().map(query_pairs).unwrap_or_default();
     let body = match body {
         Ok(b) => b,
         Err(e) => return Answer::error(e.status(), e.body_text()),
@@ -272,14 +274,14 @@ impl Admin {
     }
 }
 
-fn query_pairs(q: &str) -> BTreeMap<String, String> {
-    q.split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
-            (!k.is_empty()).then(|| (k.to_owned(), v.into_owned()))
-        })
-        .collect()
+/// The request's query arguments, read once by [`guard`].
+#[derive(Clone)]
+struct Query(BTreeMap<String, String>);
+
+/// Query arguments, decoded by axum's own reader; an unreadable query
+/// reads as none.
+fn query_pairs(uri: &Uri) -> BTreeMap<String, String> {
+    axum::extract::Query::try_from_uri(uri).map_or_else(|_| BTreeMap::new(), |q| q.0)
 }
 
 fn plugin_list(admin: &Admin) -> Answer {
@@ -308,7 +310,9 @@ mod tests {
 
     #[test]
     fn queries_split_and_decode() {
-        let q = query_pairs("api_key=k%2Fy&page=2&x");
+        let q = query_pairs(&Uri::from_static(
+            "/apisix/admin/routes?api_key=k%2Fy&page=2&x",
+        ));
         assert_eq!(q["api_key"], "k/y");
         assert_eq!(q["x"], "");
     }

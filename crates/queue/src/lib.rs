@@ -330,9 +330,18 @@ impl<T: Send + 'static> Grouped<T> {
         Grouped { tx }
     }
 
-    /// Hands `item` to the thread; its reply says how it went.
-    fn add(&self, item: T) {
-        let _ = self.tx.send(item);
+    /// Hands the thread the item `make` builds around a reply channel, and
+    /// waits for that reply; `what` names it if the thread drops it.
+    fn ask<R>(
+        &self,
+        what: &str,
+        make: impl FnOnce(std::sync::mpsc::SyncSender<Result<R, Refused>>) -> T,
+    ) -> Result<R, Refused> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let _ = self.tx.send(make(reply));
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err(Refused::Store(format!("the {what} was lost"))))
     }
 }
 
@@ -465,17 +474,12 @@ impl Queue {
     ///
     /// Submissions are committed in groups (see `Grouped`).
     pub fn submit(&self, job: Job, body: Bytes, max_queue: usize) -> Result<Accepted, Refused> {
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let pending = Pending {
+        self.submissions.ask("submission", |reply| Pending {
             job,
             body,
             max_queue,
             reply,
-        };
-        self.submissions.add(pending);
-        answer
-            .recv()
-            .unwrap_or_else(|_| Err(Refused::Store("the submission was lost".into())))
+        })
     }
 
     /// Stores a group of submissions in one transaction and answers each.
@@ -889,16 +893,11 @@ impl Queue {
             answer: o.answer.clone(),
             body: o.body.clone(),
         });
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let ending = Ending {
+        self.endings.ask("result", |reply| Ending {
             record,
             outcome,
             reply,
-        };
-        self.endings.add(ending);
-        answer
-            .recv()
-            .unwrap_or_else(|_| Err(Refused::Store("the result was lost".into())))
+        })
     }
 
     /// Stores a group of ends in one transaction, then tells each.
