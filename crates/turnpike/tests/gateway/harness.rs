@@ -678,3 +678,66 @@ pub async fn tls_upstream() -> String {
     });
     addr.to_string()
 }
+
+/// What a [`Stoppable`] server answers each request with.
+pub type Handler = Arc<
+    dyn Fn(
+            Request<Incoming>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// An HTTP/1.1 server on a fixed port that can be stopped (listener and
+/// every connection closed, as a crash would) and started again there.
+pub struct Stoppable {
+    pub port: u16,
+    serve: Handler,
+    tasks: Option<tokio::task::JoinSet<()>>,
+}
+
+impl Stoppable {
+    pub async fn start(serve: Handler) -> Stoppable {
+        let mut s = Stoppable {
+            port: free_port(),
+            serve,
+            tasks: None,
+        };
+        s.resume().await;
+        s
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn resume(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let serve = self.serve.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            // Held by the accept loop: stopping it closes every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let serve = serve.clone();
+                conns.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let answer = serve(req);
+                        async move { Ok::<_, Infallible>(answer.await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+}

@@ -12,62 +12,43 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use crate::harness::*;
 
 /// A node answering 200 with its name; it can be stopped (listener and
 /// connections closed) and started again on the same port.
 struct Node {
-    name: &'static str,
+    server: Stoppable,
     port: u16,
     hits: Arc<AtomicUsize>,
-    tasks: Option<JoinSet<()>>,
 }
 
 impl Node {
     async fn start(name: &'static str) -> Node {
-        let mut n = Node {
-            name,
-            port: free_port(),
-            hits: Arc::default(),
-            tasks: None,
-        };
-        n.resume().await;
-        n
+        let hits: Arc<AtomicUsize> = Arc::default();
+        let counter = hits.clone();
+        let server = Stoppable::start(Arc::new(move |_req| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Response::new(full(name)) })
+        }))
+        .await;
+        Node {
+            port: server.port,
+            server,
+            hits,
+        }
     }
 
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.server.addr()
     }
 
     async fn resume(&mut self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let (name, hits) = (self.name, self.hits.clone());
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let hits = hits.clone();
-                conns.spawn(async move {
-                    let service = service_fn(move |_req| {
-                        hits.fetch_add(1, Ordering::SeqCst);
-                        async move { Ok::<_, Infallible>(Response::new(full(name))) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        self.tasks = Some(tasks);
+        self.server.resume().await;
     }
 
     async fn stop(&mut self) {
-        if let Some(mut tasks) = self.tasks.take() {
-            tasks.shutdown().await;
-        }
+        self.server.stop().await;
     }
 }
 

@@ -1,6 +1,5 @@
 //! Metrics and logs end to end: `/metrics` against the requests sent.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -8,11 +7,6 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use crate::harness::*;
 
@@ -134,63 +128,44 @@ async fn metrics_count_the_requests_sent_by_status_and_route() {
 /// can go down (listener and connections closed) and come back on the
 /// same port.
 struct Collector {
+    server: Stoppable,
     port: u16,
     bodies: Arc<Mutex<Vec<String>>>,
     delay_ms: Arc<AtomicU64>,
-    tasks: Option<JoinSet<()>>,
 }
 
 impl Collector {
     async fn start() -> Collector {
-        let mut c = Collector {
-            port: free_port(),
-            bodies: Arc::default(),
-            delay_ms: Arc::default(),
-            tasks: None,
-        };
-        c.resume().await;
-        c
+        let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+        let delay_ms: Arc<AtomicU64> = Arc::default();
+        let (kept, delay) = (bodies.clone(), delay_ms.clone());
+        let server = Stoppable::start(Arc::new(move |req: Request<Incoming>| {
+            let (kept, delay) = (kept.clone(), delay.clone());
+            Box::pin(async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                tokio::time::sleep(Duration::from_millis(delay.load(Ordering::SeqCst))).await;
+                kept.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                Response::new(full("ok"))
+            })
+        }))
+        .await;
+        Collector {
+            port: server.port,
+            server,
+            bodies,
+            delay_ms,
+        }
     }
 
     async fn resume(&mut self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let (bodies, delay) = (self.bodies.clone(), self.delay_ms.clone());
-        let mut tasks = JoinSet::new();
-        let conns = Arc::new(Mutex::new(JoinSet::new()));
-        let held = conns.clone();
-        tasks.spawn(async move {
-            let _held = held;
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let (bodies, delay) = (bodies.clone(), delay.clone());
-                conns.lock().unwrap().spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let (bodies, delay) = (bodies.clone(), delay.clone());
-                        async move {
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            tokio::time::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)))
-                                .await;
-                            bodies
-                                .lock()
-                                .unwrap()
-                                .push(String::from_utf8_lossy(&body).into_owned());
-                            Ok::<_, Infallible>(Response::new(full("ok")))
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        self.tasks = Some(tasks);
+        self.server.resume().await;
     }
 
     /// Closes the listener and every connection.
     async fn stop(&mut self) {
-        if let Some(mut tasks) = self.tasks.take() {
-            tasks.shutdown().await;
-        }
+        self.server.stop().await;
     }
 
     fn received(&self) -> String {
