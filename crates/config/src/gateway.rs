@@ -21,8 +21,13 @@ pub struct Gateway {
     pub config_provider: Provider,
     #[serde(default)]
     pub etcd: Etcd,
-    /// Shared state of a cluster of gateways (the service registry).
+    /// Shared state of a cluster of gateways (the service registry, and
+    /// the asynchronous queue with `queue: redis`).
     pub redis: Option<Redis>,
+    /// Where `async-request` queues requests: `embedded` (in `data_dir`,
+    /// this node alone) or `redis` (at `redis.url`, shared by every node).
+    #[serde(default)]
+    pub queue: QueueKind,
     /// Where `discovery_type: dns` upstreams are resolved.
     #[serde(default)]
     pub dns: Dns,
@@ -75,6 +80,15 @@ pub struct AdminKey {
     /// `admin` (the default) or `viewer` (reads only).
     #[serde(default = "default_role")]
     pub role: String,
+}
+
+/// `gateway.queue`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    #[default]
+    Embedded,
+    Redis,
 }
 
 /// `gateway.redis`: the Redis a cluster of gateways shares state in.

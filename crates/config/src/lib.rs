@@ -27,7 +27,9 @@ mod watch;
 
 pub use compile::compile;
 pub use file::{known_kind, load, parse, parse_raw, read_resources, ConfigFile, Resources, KINDS};
-pub use gateway::{parse_duration, Admin, AdminKey, Dns, Etcd, Gateway, Provider, Redis, Status};
+pub use gateway::{
+    parse_duration, Admin, AdminKey, Dns, Etcd, Gateway, Provider, QueueKind, Redis, Status,
+};
 pub use snapshot::{
     HashOn, Keepalive, KeyPart, Node, PassHost, Route, Scheme, Snapshot, TimeoutOverride, Timeouts,
     Upstream,

@@ -120,17 +120,19 @@ impl Plugin for AsyncRequest {
         };
         let body = ctx.body.clone().unwrap_or_default();
         let (max_queue, retry_after) = (self.c.max_queue, self.c.retry_after);
-        // The store waits for fsync: off the proxy's threads.
+        // The store waits for fsync (or Redis): off the proxy's threads.
         Flow::Await(Box::pin(async move {
-            // Opening the queue (on first use) and storing both touch the disk.
-            let stored = tokio::task::spawn_blocking(move || match turnpike_queue::installed() {
-                Some(queue) => queue.submit(job, body, max_queue),
+            // Opening an embedded queue (on first use) touches the disk.
+            let queue = tokio::task::spawn_blocking(turnpike_queue::installed)
+                .await
+                .ok()
+                .flatten();
+            let stored = match queue {
+                Some(queue) => queue.submit(job, body, max_queue).await,
                 None => Err(Refused::Store(
                     "the queue is not running (see the log)".into(),
                 )),
-            })
-            .await
-            .unwrap_or_else(|e| Err(Refused::Store(e.to_string())));
+            };
             let resume: Resume = Box::new(move |ctx: &mut Ctx| match stored {
                 Ok(accepted) => Flow::Respond(accepted_reply(&accepted.id, accepted.repeated)),
                 Err(Refused::Full) => Flow::Respond(

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts};
 use turnpike_plugin::metrics::register;
 
-use crate::{now_ms, Job, Outcome, Record, Status};
+use crate::{now_ms, Job, Outcome, Status};
 
 struct Metrics {
     depth: IntGauge,
@@ -74,9 +74,9 @@ pub(crate) fn started(job: &Job) {
         .observe(now_ms().saturating_sub(job.submitted) as f64 / 1000.0);
 }
 
-pub(crate) fn ended(record: &Record, outcome: Option<&Outcome>) {
+pub(crate) fn ended(status: &Status, outcome: Option<&Outcome>) {
     let m = metrics();
-    match (&record.status, outcome) {
+    match (status, outcome) {
         (Status::Expired, _) => m.expired.inc(),
         (_, Some(o)) => {
             m.done.inc();

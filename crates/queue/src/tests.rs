@@ -1,5 +1,12 @@
 use super::*;
 
+/// The facade over an embedded queue (for its waits).
+fn facade(q: &Arc<Embedded>) -> Queue {
+    Queue {
+        backend: Backend::Embedded(q.clone()),
+    }
+}
+
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("turnpike-queue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -8,10 +15,10 @@ fn dir(name: &str) -> std::path::PathBuf {
 
 /// Opens the queue again once the last one has let go of the file (its
 /// commit threads may hold it for the end of a commit).
-fn reopen(d: &std::path::Path) -> Arc<Queue> {
+fn reopen(d: &std::path::Path) -> Arc<Embedded> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match Queue::open(d) {
+        match Embedded::open(d) {
             Ok(q) => return q,
             Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -68,7 +75,7 @@ fn echo(delay: Duration, peak: Arc<std::sync::atomic::AtomicUsize>) -> Executor 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_in_order_within_the_route_concurrency() {
     let d = dir("order");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut ids = Vec::new();
     for i in 0..6 {
@@ -87,7 +94,7 @@ async fn jobs_run_in_order_within_the_route_concurrency() {
     }
     tokio::spawn(q.clone().run(echo(Duration::from_millis(50), peak.clone())));
     for (i, id) in ids.iter().enumerate() {
-        match q.wait(id, Duration::from_secs(5)).await.unwrap() {
+        match facade(&q).wait(id, Duration::from_secs(5)).await.unwrap() {
             Found::Done { answer, body, .. } => {
                 assert_eq!(answer.status, 200);
                 assert_eq!(body, format!("body {i}"));
@@ -106,7 +113,7 @@ async fn jobs_run_in_order_within_the_route_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_jobs_never_run_and_full_queues_refuse() {
     let d = dir("expiry");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     let late = q.submit(job("r1", 1), Bytes::new(), 100).unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert!(matches!(q.find(&late.id).unwrap(), Found::Expired { .. }));
@@ -117,7 +124,10 @@ async fn expired_jobs_never_run_and_full_queues_refuse() {
     );
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(q.clone().run(echo(Duration::ZERO, calls.clone())));
-    let found = q.wait(&late.id, Duration::from_secs(2)).await.unwrap();
+    let found = facade(&q)
+        .wait(&late.id, Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(matches!(found, Found::Expired { .. }), "{found:?}");
     assert_eq!(q.find("nope").unwrap(), Found::Unknown);
     let _ = std::fs::remove_dir_all(&d);
@@ -126,7 +136,7 @@ async fn expired_jobs_never_run_and_full_queues_refuse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_return_the_first_job() {
     let d = dir("idem");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     let mut first = job("r1", 60_000);
     first.idempotency_key = Some("order-7".into());
     let a = q.submit(first.clone(), Bytes::new(), 100).unwrap();
@@ -144,7 +154,7 @@ async fn idempotency_keys_return_the_first_job() {
 async fn unfinished_jobs_survive_a_reopen_in_order() {
     let d = dir("reopen");
     let ids: Vec<String> = {
-        let q = Queue::open(&d).unwrap();
+        let q = Embedded::open(&d).unwrap();
         (0..3)
             .map(|i| {
                 q.submit(job("r1", 60_000), Bytes::from(format!("b{i}")), 100)
@@ -157,7 +167,7 @@ async fn unfinished_jobs_survive_a_reopen_in_order() {
     assert_eq!(q.waiting("r1"), 3);
     tokio::spawn(q.clone().run(echo(Duration::ZERO, Arc::default())));
     for (i, id) in ids.iter().enumerate() {
-        match q.wait(id, Duration::from_secs(5)).await.unwrap() {
+        match facade(&q).wait(id, Duration::from_secs(5)).await.unwrap() {
             Found::Done { body, .. } => assert_eq!(body, format!("b{i}")),
             other => panic!("{other:?}"),
         }
@@ -168,7 +178,7 @@ async fn unfinished_jobs_survive_a_reopen_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_is_per_route_and_per_client() {
     let d = dir("idem-scope");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     let keyed = |route: &str, consumer: Option<&str>, remote: &str| {
         let mut j = job(route, 60_000);
         j.consumer = consumer.map(str::to_owned);
@@ -207,7 +217,7 @@ async fn idempotency_is_per_route_and_per_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_waiting_jobs_stop_counting_against_the_queue() {
     let d = dir("expire-waiting");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     q.submit(job("r1", 1), Bytes::new(), 1).unwrap();
     assert_eq!(
         q.submit(job("r1", 60_000), Bytes::new(), 1),
@@ -223,7 +233,7 @@ async fn expired_waiting_jobs_stop_counting_against_the_queue() {
 #[test]
 fn concurrent_submissions_commit_in_groups_and_lose_nothing() {
     let d = dir("group");
-    let q = Queue::open(&d).unwrap();
+    let q = Embedded::open(&d).unwrap();
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let q = q.clone();
@@ -259,4 +269,91 @@ fn concurrent_submissions_commit_in_groups_and_lose_nothing() {
     drop(q);
     assert_eq!(reopen(&d).waiting("r1"), 8 * 49 + 1, "all durable");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A `redis-server` of the test's own on a free port; killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("`redis-server` is not installed: `apt-get install redis-server` (scripts/test does it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { child, port }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_queue_runs_each_route_in_order_within_its_concurrency_cluster_wide() {
+    let redis = RedisServer::start();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let nodes: Vec<Arc<Queue>> = (0..2)
+        .map(|_| Queue::open_shared(&url, Arc::new(|_: &Job, _: Option<&Outcome>| {})).unwrap())
+        .collect();
+    // Both nodes count calls in flight together, and note the start order.
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Arc::new(Mutex::new(Vec::<Bytes>::new()));
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let a = nodes[i % 2]
+            .submit(job("r1", 60_000), Bytes::from(format!("body {i}")), 100)
+            .await
+            .unwrap();
+        ids.push(a.id);
+    }
+    for n in &nodes {
+        let (run, started) = (
+            echo(Duration::from_millis(100), peak.clone()),
+            started.clone(),
+        );
+        let noting: Executor = Arc::new(move |job, body: Bytes| {
+            started.lock().unwrap().push(body.clone());
+            run(job, body)
+        });
+        tokio::spawn(n.clone().run(noting));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        // Each node reads every result.
+        match nodes[(i + 1) % 2]
+            .wait(id, Duration::from_secs(10))
+            .await
+            .unwrap()
+        {
+            Found::Done { body, .. } => assert_eq!(body, format!("body {i}")),
+            other => panic!("{other:?}"),
+        }
+    }
+    let order: Vec<Bytes> = (0..8).map(|i| Bytes::from(format!("body {i}"))).collect();
+    assert_eq!(*started.lock().unwrap(), order, "FIFO across the nodes");
+    assert_eq!(
+        peak.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the route's concurrency holds across the nodes"
+    );
 }

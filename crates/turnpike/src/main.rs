@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
-use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, Snapshot};
+use turnpike_config::{ConfigError, ConfigFile, Gateway, Provider, QueueKind, Snapshot};
 use turnpike_proxy::{serve_status, start_health_checks, Server, Shared};
+use turnpike_queue::Place;
 use turnpike_store::Store;
 
 mod admin;
@@ -307,7 +308,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     start_health_checks(&snapshot, &runtime);
     let shared = Shared::new(snapshot, gateway.client_body_timeout);
     *shared.unready.lock().unwrap_or_else(|e| e.into_inner()) = unready;
-    start_async_queue(&gateway, &shared);
+    start_async_queue(&gateway, &shared).map_err(std::io::Error::other)?;
     let server = Server::start(
         &gateway.listen,
         gateway.workers,
@@ -318,6 +319,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     admin::start(&gateway, store.as_ref(), path, &shared, &registry).await?;
     let _store_health = store.as_ref().and_then(source::watch_health);
     let _registry_health = source::registry_health(&registry);
+    let _queue_health = source::queue_health();
     let from = store
         .as_ref()
         .map_or_else(|| path.display().to_string(), |s| s.describe());
@@ -382,7 +384,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
 
 /// The asynchronous mode's queue lives in `data_dir`; its workers run on
 /// the control runtime and send jobs through the proxy's own path.
-fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
+fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) -> Result<(), String> {
     let shared = shared.clone();
     let exec: turnpike_queue::Executor = Arc::new(move |job, body| {
         let shared = shared.clone();
@@ -390,7 +392,15 @@ fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
     });
     let runtime = tokio::runtime::Handle::current();
     let on_end: turnpike_queue::OnEnd = Arc::new(turnpike_proxy::on_end);
-    turnpike_queue::configure(Path::new(&gateway.data_dir), runtime, exec, on_end);
+    let place = match gateway.queue {
+        QueueKind::Embedded => Place::Dir(Path::new(&gateway.data_dir).to_path_buf()),
+        QueueKind::Redis => match &gateway.redis {
+            Some(redis) => Place::Redis(redis.url.clone()),
+            None => return Err("gateway.queue: redis needs gateway.redis.url".into()),
+        },
+    };
+    turnpike_queue::configure(place, runtime, exec, on_end);
+    Ok(())
 }
 
 /// Reloads each time the store changes; changes that come while a reload

@@ -169,6 +169,17 @@ pub fn registry_health(registry: &Arc<Registry>) -> Option<Arc<dyn Dependency>> 
     }))
 }
 
+/// The shared asynchronous queue's Redis, listed in `/gateway/health`.
+pub fn queue_health() -> Option<Arc<dyn Dependency>> {
+    let queue = turnpike_queue::running()?;
+    let address = format!("{} (async queue)", queue.redis_address()?);
+    Some(listed(Health {
+        kind: "redis",
+        address,
+        up: Box::new(move || queue.up()),
+    }))
+}
+
 /// A store or registry as `/gateway/health` lists it.
 struct Health {
     kind: &'static str,

@@ -1,5 +1,6 @@
 //! The asynchronous request mode (`async-request`): 202 at once, results
-//! read later, TTLs, idempotency, back-pressure, consumers, kill -9.
+//! read later, TTLs, idempotency, back-pressure, consumers, kill -9; and
+//! a cluster of nodes sharing one queue in a real Redis.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +8,7 @@ use bytes::Bytes;
 use http::Request;
 
 use crate::harness::*;
+use crate::services::Redis;
 
 /// A gateway whose `data_dir` (where the queue lives) is its own.
 async fn gateway(resources: &str) -> (Gateway, TempDir) {
@@ -331,4 +333,111 @@ async fn webhooks_are_signed_and_retried() {
         2,
         "delivered once it was taken"
     );
+}
+
+/// A node of a cluster whose queue is shared in `redis` (`queue: redis`).
+async fn node(redis: &Redis, resources: &str) -> Gateway {
+    let (port, status) = (free_port(), free_port());
+    let text = format!(
+        "{}  queue: redis\n  redis: {{url: \"redis://127.0.0.1:{}\"}}\n{resources}",
+        settings(port, status),
+        redis.port
+    );
+    Gateway::start_raw(&text, port, status).await
+}
+
+/// Reads the result without waiting: its status and `status` field.
+async fn state(gw: &Gateway, id: &str) -> (u16, String) {
+    let r = get_with(&gw.url(&format!("/turnpike/async/{id}")), &[]).await;
+    let status = r.json()["status"].as_str().unwrap_or_default().to_owned();
+    (r.status, status)
+}
+
+/// Waits until job `id` is running.
+async fn until_running(gw: &Gateway, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(gw, id).await != (202, "running".to_owned()) {
+        assert!(Instant::now() < deadline, "{id} never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_shares_one_queue_and_takes_over_a_dead_nodes_work() {
+    let redis = Redis::start();
+    let up = Upstream::start("a").await;
+    let routes = route(&up.node(), "{concurrency: 4}", "");
+    let mut a = node(&redis, &routes).await;
+    // A alone takes four 6 s calls…
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let r = submit(&a, &format!("/slow/{i}?ms=6000"), &[]).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        ids.push(r.json()["request_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        until_running(&a, id).await;
+    }
+    // …B, started now, reads what A accepted…
+    let b = node(&redis, &routes).await;
+    assert_eq!(state(&b, &ids[0]).await, (202, "running".to_owned()));
+    // …and A dies in the middle of its calls: B runs them again.
+    a.kill();
+    for (i, id) in ids.iter().enumerate() {
+        let r = result(&b, id, &[]).await;
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+        assert_eq!(r.json()["uri"], format!("/slow/{i}?ms=6000"));
+    }
+    assert!(
+        b.log_text().contains("taken over from a silent node"),
+        "{}",
+        b.log_text()
+    );
+    assert!(up.hits() >= 8, "A's calls and B's again: {}", up.hits());
+    // The survivor takes new work too.
+    let r = submit(&b, "/after", &[]).await;
+    let id = r.json()["request_id"].as_str().unwrap().to_owned();
+    assert_eq!(result(&b, &id, &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_back_pressure_and_expiry_hold_across_the_cluster() {
+    let redis = Redis::start();
+    let up = Upstream::start("a").await;
+    let routes = route(&up.node(), "{concurrency: 1, max_queue: 2, ttl: 1}", "");
+    let (a, b) = (node(&redis, &routes).await, node(&redis, &routes).await);
+    let key = [("Idempotency-Key", "order-1")];
+    let first = submit(&a, "/slow/first?ms=2000", &key).await;
+    let id = first.json()["request_id"].as_str().unwrap().to_owned();
+    // The same key through the other node is the same request.
+    let again = submit(&b, "/slow/first?ms=2000", &key).await;
+    assert_eq!(again.json()["request_id"], id.as_str());
+    assert_eq!(again.json()["repeated"], true);
+    // One runs (concurrency 1, cluster-wide); two may wait; the third is refused.
+    until_running(&b, &id).await;
+    let waiting: Vec<String> = {
+        let mut w = Vec::new();
+        for n in 0..2 {
+            let r = submit([&a, &b][n], &format!("/w{n}"), &[]).await;
+            assert_eq!(r.status, 202, "{}", r.body);
+            w.push(r.json()["request_id"].as_str().unwrap().to_owned());
+        }
+        w
+    };
+    let full = submit(&b, "/w3", &[]).await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert_eq!(full.headers.get("retry-after").unwrap(), "5");
+    // Their 1 s ttl passes while the first runs: expired, never run.
+    for w in &waiting {
+        assert_eq!(result(&a, w, &[]).await.status, 410);
+    }
+    let done = result(&a, &id, &[]).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(up.hits(), 1, "only the first request reached the upstream");
+    let health = get_with(
+        &format!("http://127.0.0.1:{}/gateway/health", a.status_port),
+        &[],
+    )
+    .await;
+    assert!(health.body.contains("async queue"), "{}", health.body);
 }

@@ -416,13 +416,18 @@ impl Gateway {
             .unwrap()
     }
 
-    /// Kills the process (SIGKILL, nothing flushed) and starts it again on
-    /// the same config file and directory.
-    pub async fn kill_and_restart(&mut self) {
+    /// Kills the process (SIGKILL, nothing flushed).
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Kills the process (SIGKILL, nothing flushed) and starts it again on
+    /// the same config file and directory.
+    pub async fn kill_and_restart(&mut self) {
+        self.kill();
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
@@ -461,10 +466,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
