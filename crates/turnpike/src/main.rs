@@ -149,6 +149,13 @@ fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
             "TLS listeners are not available in this build",
         ));
     }
+    if g.queue == QueueKind::Redis && g.redis.is_none() {
+        errors.push(ConfigError::new(
+            "gateway",
+            "queue",
+            "`redis` needs gateway.redis.url",
+        ));
+    }
     if g.listen.is_empty() {
         errors.push(ConfigError::new(
             "gateway",
@@ -308,7 +315,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
     start_health_checks(&snapshot, &runtime);
     let shared = Shared::new(snapshot, gateway.client_body_timeout);
     *shared.unready.lock().unwrap_or_else(|e| e.into_inner()) = unready;
-    start_async_queue(&gateway, &shared).map_err(std::io::Error::other)?;
+    start_async_queue(&gateway, &shared);
     let server = Server::start(
         &gateway.listen,
         gateway.workers,
@@ -384,7 +391,7 @@ async fn serve(path: &Path, file: ConfigFile, snapshot: Option<Snapshot>) -> std
 
 /// The asynchronous mode's queue lives in `data_dir`; its workers run on
 /// the control runtime and send jobs through the proxy's own path.
-fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) -> Result<(), String> {
+fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
     let shared = shared.clone();
     let exec: turnpike_queue::Executor = Arc::new(move |job, body| {
         let shared = shared.clone();
@@ -394,13 +401,15 @@ fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) -> Result<(), Stri
     let on_end: turnpike_queue::OnEnd = Arc::new(turnpike_proxy::on_end);
     let place = match gateway.queue {
         QueueKind::Embedded => Place::Dir(Path::new(&gateway.data_dir).to_path_buf()),
-        QueueKind::Redis => match &gateway.redis {
-            Some(redis) => Place::Redis(redis.url.clone()),
-            None => return Err("gateway.queue: redis needs gateway.redis.url".into()),
-        },
+        // `settings_errors` refused `redis` without a URL.
+        QueueKind::Redis => Place::Redis(
+            gateway
+                .redis
+                .as_ref()
+                .map_or(String::new(), |r| r.url.clone()),
+        ),
     };
     turnpike_queue::configure(place, runtime, exec, on_end);
-    Ok(())
 }
 
 /// Reloads each time the store changes; changes that come while a reload

@@ -441,3 +441,44 @@ async fn idempotency_back_pressure_and_expiry_hold_across_the_cluster() {
     .await;
     assert!(health.body.contains("async queue"), "{}", health.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_refuses_submissions_clearly_and_the_queue_resumes() {
+    let mut redis = Redis::start();
+    let up = Upstream::start("a").await;
+    let gw = node(&redis, &route(&up.node(), "{}", "")).await;
+    let health = || async {
+        let url = format!("http://127.0.0.1:{}/gateway/health", gw.status_port);
+        get_with(&url, &[]).await.json()
+    };
+    // The queue's Redis as /gateway/health lists it.
+    let queue_up = |h: serde_json::Value| {
+        h["dependencies"].as_array().unwrap().iter().any(|d| {
+            d["address"].as_str().unwrap().ends_with("(async queue)") && d["state"] == "up"
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !queue_up(health().await) {
+        assert!(Instant::now() < deadline, "{}", health().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.stop();
+    let refused = submit(&gw, "/during", &[]).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("cannot store"), "{}", refused.body);
+    assert!(!queue_up(health().await), "{}", health().await);
+    redis.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let accepted = loop {
+        let r = submit(&gw, "/after", &[]).await;
+        if r.status == 202 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let id = accepted.json()["request_id"].as_str().unwrap().to_owned();
+    let r = result(&gw, &id, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["uri"], "/after");
+}
