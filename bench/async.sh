@@ -73,13 +73,19 @@ wrk_post() {
         grep -E "Requests/sec|Latency|50%|99%|Non-2xx|Socket errors" || true
 }
 
-# Lets the workers drain what wrk queued (the depth is cluster-wide).
+metric() { curl -fs "http://127.0.0.1:$S/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+
+# Lets the workers drain what wrk queued, and says how fast they did.
 drain() {
+    local start done0 depth
+    start=$(date +%s.%N); done0=$(metric turnpike_async_done_total)
     for _ in $(seq 1200); do
-        depth=$(curl -fs "http://127.0.0.1:$S/metrics" | awk '/^turnpike_async_queue_depth/ {print $2}')
-        [ "${depth:-0}" = 0 ] && return
+        depth=$(metric turnpike_async_queue_depth)
+        [ "${depth:-0}" = 0 ] && break
         sleep 0.5
     done
+    python3 -c "import sys; n = float(sys.argv[2]) - float(sys.argv[1]); t = float(sys.argv[4]) - float(sys.argv[3]); print(f'  workers drained {n:.0f} jobs in {t:.1f} s: {n / t:.0f} jobs/s')" \
+        "${done0:-0}" "$(metric turnpike_async_done_total)" "$start" "$(date +%s.%N)"
 }
 
 # end_to_end PATH...: p50 and p99 of each, one request at a time.

@@ -349,8 +349,13 @@ async fn a_shared_queue_runs_each_route_in_order_within_its_concurrency_cluster_
             other => panic!("{other:?}"),
         }
     }
-    let order: Vec<Bytes> = (0..8).map(|i| Bytes::from(format!("body {i}"))).collect();
-    assert_eq!(*started.lock().unwrap(), order, "FIFO across the nodes");
+    // FIFO across the nodes: each job starts with, at the latest, the
+    // job one slot (concurrency 2) after it; jobs taken together race.
+    let started = started.lock().unwrap().clone();
+    for (i, body) in started.iter().enumerate() {
+        let n: usize = std::str::from_utf8(&body[5..]).unwrap().parse().unwrap();
+        assert!(n.abs_diff(i) <= 1, "FIFO across the nodes: {started:?}");
+    }
     assert_eq!(
         peak.load(std::sync::atomic::Ordering::SeqCst),
         2,
