@@ -427,6 +427,8 @@ impl Registry {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.down(e))?;
+        // Answered: up, even with no service registered yet.
+        self.up.store(true, std::sync::atomic::Ordering::Release);
         let known = self.names();
         for service in names
             .iter()
