@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 
@@ -28,8 +28,17 @@ const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 /// `consumer\n key` → job id.
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// (keep until, job id) → the job's idempotency entry (or ""): ended jobs
+/// in the order they are swept.
+const ENDS: TableDefinition<(u64, &str), &str> = TableDefinition::new("ends");
 /// `seq` → the last sequence number given.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The most ended jobs one sweep removes.
+const SWEEP_MAX: usize = 10_000;
+
+/// The most jobs taken (read and marked running) together.
+const TAKE_BATCH: usize = 64;
 
 /// How often finished jobs past their `result_ttl` are removed.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -164,6 +173,14 @@ impl Embedded {
         }
         txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
         txn.open_table(META).map_err(|e| e.to_string())?;
+        let indexed = txn
+            .list_tables()
+            .map_err(|e| e.to_string())?
+            .any(|t| t.name() == "ends");
+        if !indexed {
+            // A file from before the index: index what had ended.
+            index_ends(&txn).map_err(|e| format!("{e:?}"))?;
+        }
         txn.commit().map_err(|e| e.to_string())?;
         let queue = Arc::new_cyclic(|me: &std::sync::Weak<Embedded>| {
             let (submit, end) = (me.clone(), me.clone());
@@ -427,81 +444,121 @@ impl Embedded {
         (false, ahead.unwrap_or(0))
     }
 
-    /// The next job a lane may start now, marked running; expired ones
-    /// are marked on the way. Blocking (reads and writes the store).
-    fn next(&self) -> Option<(Job, Bytes)> {
-        loop {
-            let (route, waiting) = {
-                let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-                let (route, lane) = lanes
-                    .iter_mut()
-                    .find(|(_, l)| !l.waiting.is_empty() && l.running < l.concurrency)?;
-                let waiting = lane.waiting.pop_front()?;
-                lane.running += 1;
-                // Running before the lock is let go: `find` never sees it nowhere.
-                self.running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(waiting.id.clone());
-                (route.clone(), waiting)
-            };
-            let id = waiting.id.clone();
-            let record = match self.record(&id) {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    self.finish_run(&route, &id);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "async queue: cannot read {id}: {e:?}; it waits for the next round"
-                    );
+    /// The jobs the lanes may start now (at most [`TAKE_BATCH`]), marked
+    /// running together; expired ones are marked on the way. Blocking
+    /// (reads and writes the store).
+    fn next_batch(&self) -> Vec<(Job, Bytes)> {
+        let picked = self.pick();
+        if picked.is_empty() {
+            return Vec::new();
+        }
+        let rows = match self.read_taken(&picked) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(
+                    "async queue: cannot read taken jobs: {e:?}; they wait for the next round"
+                );
+                for (route, waiting) in picked.into_iter().rev() {
                     self.put_back(&route, waiting);
-                    return None;
                 }
+                return Vec::new();
+            }
+        };
+        let mut starting = Vec::with_capacity(rows.len());
+        for ((route, waiting), (record, body)) in picked.into_iter().zip(rows) {
+            let Some(record) = record else {
+                self.finish_run(&route, &waiting.id);
+                continue;
             };
             if !waiting.taken && record.job.expires <= now_ms() {
                 if let Err(e) = self.end(&record, Status::Expired, None) {
-                    tracing::warn!("async queue: cannot mark {id} expired: {e:?}");
+                    tracing::warn!("async queue: cannot mark {} expired: {e:?}", waiting.id);
                 }
-                self.finish_run(&route, &id);
+                self.finish_run(&route, &waiting.id);
                 continue;
             }
-            let body = match self.body(&id) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("async queue: cannot read the body of {id}: {e:?}; it waits for the next round");
-                    self.put_back(&route, waiting);
-                    return None;
-                }
-            };
-            self.mark_running(&record);
-            metrics::started(&record.job);
-            // Waiters on this job see it run.
-            let _ = self.ended.send(id.clone());
-            return Some((record.job, body));
+            starting.push((record, body));
         }
+        self.mark_running(starting.iter().map(|(r, _)| r));
+        starting
+            .into_iter()
+            .map(|(record, body)| {
+                metrics::started(&record.job);
+                // Waiters on this job see it run.
+                let _ = self.ended.send(record.job.id.clone());
+                (record.job, body)
+            })
+            .collect()
     }
 
-    /// Records that a job was taken, without waiting for the disk: after a
-    /// crash it then runs again whatever its ttl (its call may have been
-    /// made). Lost in a crash before the next commit, the job only counts
-    /// as not taken.
-    fn mark_running(&self, record: &Record) {
-        let mut record = record.clone();
-        record.status = Status::Running;
+    /// Takes the jobs the lanes may start now off their lanes, as running.
+    fn pick(&self) -> Vec<(String, Waiting)> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut picked = Vec::new();
+        for (route, lane) in lanes.iter_mut() {
+            while lane.running < lane.concurrency && picked.len() < TAKE_BATCH {
+                let Some(waiting) = lane.waiting.pop_front() else {
+                    break;
+                };
+                lane.running += 1;
+                // Running before the lock is let go: `find` never sees it nowhere.
+                running.insert(waiting.id.clone());
+                picked.push((route.clone(), waiting));
+            }
+        }
+        picked
+    }
+
+    /// The records and bodies of taken jobs, in one read.
+    fn read_taken(
+        &self,
+        picked: &[(String, Waiting)],
+    ) -> Result<Vec<(Option<Record>, Bytes)>, Refused> {
+        let txn = self.db.begin_read().map_err(fail)?;
+        let records = txn.open_table(RECORDS).map_err(fail)?;
+        let bodies = txn.open_table(BODIES).map_err(fail)?;
+        picked
+            .iter()
+            .map(|(_, w)| {
+                let record = records
+                    .get(w.id.as_str())
+                    .map_err(fail)?
+                    .map(|b| serde_json::from_slice::<Record>(b.value()).map_err(fail))
+                    .transpose()?;
+                let body = bodies
+                    .get(w.id.as_str())
+                    .map_err(fail)?
+                    .map(|b| Bytes::copy_from_slice(b.value()))
+                    .unwrap_or_default();
+                Ok((record, body))
+            })
+            .collect()
+    }
+
+    /// Records that jobs were taken, in one transaction, without waiting
+    /// for the disk: after a crash they then run again whatever their ttl
+    /// (their calls may have been made). Lost in a crash before the next
+    /// commit, a job only counts as not taken.
+    fn mark_running<'a>(&self, records: impl Iterator<Item = &'a Record>) {
         let write = || -> Result<(), Refused> {
             let mut txn = self.db.begin_write().map_err(fail)?;
             txn.set_durability(redb::Durability::None);
-            let bytes = serde_json::to_vec(&record).map_err(fail)?;
-            txn.open_table(RECORDS)
-                .map_err(fail)?
-                .insert(record.job.id.as_str(), bytes.as_slice())
-                .map_err(fail)?;
+            {
+                let mut table = txn.open_table(RECORDS).map_err(fail)?;
+                for record in records {
+                    let mut record = record.clone();
+                    record.status = Status::Running;
+                    let bytes = serde_json::to_vec(&record).map_err(fail)?;
+                    table
+                        .insert(record.job.id.as_str(), bytes.as_slice())
+                        .map_err(fail)?;
+                }
+            }
             txn.commit().map_err(fail)
         };
         if let Err(e) = write() {
-            tracing::warn!("async queue: cannot mark {} running: {e:?}", record.job.id);
+            tracing::warn!("async queue: cannot mark jobs running: {e:?}");
         }
     }
 
@@ -562,15 +619,6 @@ impl Embedded {
         }
     }
 
-    fn body(&self, id: &str) -> Result<Bytes, Refused> {
-        let txn = self.db.begin_read().map_err(fail)?;
-        let bodies = txn.open_table(BODIES).map_err(fail)?;
-        let body = bodies.get(id).map_err(fail)?;
-        Ok(body
-            .map(|b| Bytes::copy_from_slice(b.value()))
-            .unwrap_or_default())
-    }
-
     /// Stores how a job ended: its answer (done) or nothing (expired).
     /// Ends are committed in groups (see `Grouped`).
     fn end(
@@ -602,10 +650,14 @@ impl Embedded {
                 let mut records = txn.open_table(RECORDS).map_err(fail)?;
                 let mut bodies = txn.open_table(BODIES).map_err(fail)?;
                 let mut results = txn.open_table(RESULTS).map_err(fail)?;
+                let mut ends = txn.open_table(ENDS).map_err(fail)?;
                 for e in &group {
                     let id = e.record.job.id.as_str();
                     let bytes = serde_json::to_vec(&e.record).map_err(fail)?;
                     records.insert(id, bytes.as_slice()).map_err(fail)?;
+                    let idem = idempotency(&e.record.job).unwrap_or_default();
+                    ends.insert((e.record.keep_until(), id), idem.as_str())
+                        .map_err(fail)?;
                     bodies.remove(id).map_err(fail)?;
                     if let Some(o) = &e.outcome {
                         results.insert(id, o.body.as_ref()).map_err(fail)?;
@@ -637,13 +689,16 @@ impl Embedded {
         let mut ticks = 0u64;
         loop {
             metrics::depth(self.depth());
-            loop {
-                let queue = self.clone();
-                let picked = tokio::task::spawn_blocking(move || queue.next())
-                    .await
-                    .ok()
-                    .flatten();
-                let Some((job, body)) = picked else { break };
+            let queue = self.clone();
+            let batch = tokio::task::spawn_blocking(move || queue.next_batch())
+                .await
+                .unwrap_or_default();
+            if !batch.is_empty() {
+                // More may be startable: come back at once, though a tick
+                // that is due goes first (`select!` picks at random).
+                self.work.notify_one();
+            }
+            for (job, body) in batch {
                 tokio::spawn(self.clone().work(exec.clone(), job, body));
             }
             tokio::select! {
@@ -702,21 +757,18 @@ impl Embedded {
     }
 
     /// Removes ended jobs whose results are past their TTL, with their
-    /// idempotency keys.
+    /// idempotency keys: a range of the `ENDS` index, at most
+    /// [`SWEEP_MAX`] a time.
     pub fn sweep(&self) -> Result<usize, Refused> {
         let now = now_ms();
-        let gone: Vec<Record> = {
+        let gone: Vec<(u64, String, String)> = {
             let txn = self.db.begin_read().map_err(fail)?;
-            let records = txn.open_table(RECORDS).map_err(fail)?;
+            let ends = txn.open_table(ENDS).map_err(fail)?;
             let mut gone = Vec::new();
-            for entry in records.iter().map_err(fail)? {
-                let (_, bytes) = entry.map_err(fail)?;
-                let Ok(r) = serde_json::from_slice::<Record>(bytes.value()) else {
-                    continue;
-                };
-                if matches!(r.status, Status::Done | Status::Expired) && r.keep_until() <= now {
-                    gone.push(r);
-                }
+            for entry in ends.range(..(now + 1, "")).map_err(fail)?.take(SWEEP_MAX) {
+                let (key, idem) = entry.map_err(fail)?;
+                let (until, id) = key.value();
+                gone.push((until, id.to_owned(), idem.value().to_owned()));
             }
             gone
         };
@@ -728,10 +780,17 @@ impl Embedded {
             let mut records = txn.open_table(RECORDS).map_err(fail)?;
             let mut results = txn.open_table(RESULTS).map_err(fail)?;
             let mut idem = txn.open_table(IDEMPOTENCY).map_err(fail)?;
-            for r in &gone {
-                records.remove(r.job.id.as_str()).map_err(fail)?;
-                results.remove(r.job.id.as_str()).map_err(fail)?;
-                if let Some(key) = idempotency(&r.job) {
+            let mut ends = txn.open_table(ENDS).map_err(fail)?;
+            for (until, id, key) in &gone {
+                records.remove(id.as_str()).map_err(fail)?;
+                results.remove(id.as_str()).map_err(fail)?;
+                ends.remove((*until, id.as_str())).map_err(fail)?;
+                // Only while it still names this job (a later job may hold it).
+                let holder = idem
+                    .get(key.as_str())
+                    .map_err(fail)?
+                    .map(|v| v.value() == id.as_str());
+                if holder == Some(true) {
                     idem.remove(key.as_str()).map_err(fail)?;
                 }
             }
@@ -739,4 +798,28 @@ impl Embedded {
         txn.commit().map_err(fail)?;
         Ok(gone.len())
     }
+}
+
+/// Indexes the ended jobs of a file written before `ENDS` existed.
+fn index_ends(txn: &redb::WriteTransaction) -> Result<(), Refused> {
+    let ended: Vec<Record> = {
+        let records = txn.open_table(RECORDS).map_err(fail)?;
+        let mut ended = Vec::new();
+        for entry in records.iter().map_err(fail)? {
+            let (_, bytes) = entry.map_err(fail)?;
+            if let Ok(r) = serde_json::from_slice::<Record>(bytes.value()) {
+                if matches!(r.status, Status::Done | Status::Expired) {
+                    ended.push(r);
+                }
+            }
+        }
+        ended
+    };
+    let mut ends = txn.open_table(ENDS).map_err(fail)?;
+    for r in &ended {
+        let idem = idempotency(&r.job).unwrap_or_default();
+        ends.insert((r.keep_until(), r.job.id.as_str()), idem.as_str())
+            .map_err(fail)?;
+    }
+    Ok(())
 }

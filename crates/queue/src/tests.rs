@@ -271,6 +271,38 @@ fn concurrent_submissions_commit_in_groups_and_lose_nothing() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_removes_only_results_past_their_ttl_with_their_keys() {
+    let d = dir("sweep");
+    let q = Embedded::open(&d).unwrap();
+    let keyed = |result_ttl: u64, key: &str| {
+        let mut j = job("r1", 60_000);
+        j.result_ttl = result_ttl;
+        j.idempotency_key = Some(key.into());
+        j
+    };
+    let short = q.submit(keyed(0, "a"), Bytes::new(), 100).unwrap();
+    let long = q.submit(keyed(60, "b"), Bytes::new(), 100).unwrap();
+    tokio::spawn(q.clone().run(echo(Duration::ZERO, Arc::default())));
+    // Done at once past its ttl, the short one reads as unknown already.
+    let found = facade(&q).wait(&long.id, Duration::from_secs(5)).await;
+    assert!(matches!(found, Ok(Found::Done { .. })), "{found:?}");
+    let found = facade(&q).wait(&short.id, Duration::from_secs(5)).await;
+    assert_eq!(found, Ok(Found::Unknown));
+    assert_eq!(q.sweep().unwrap(), 1, "only the result past its ttl");
+    assert_eq!(q.find(&short.id).unwrap(), Found::Unknown);
+    assert!(matches!(q.find(&long.id).unwrap(), Found::Done { .. }));
+    // Its key is free again; the kept job's is not.
+    assert!(!q.submit(keyed(0, "a"), Bytes::new(), 100).unwrap().repeated);
+    assert!(
+        q.submit(keyed(60, "b"), Bytes::new(), 100)
+            .unwrap()
+            .repeated
+    );
+    assert_eq!(q.sweep().unwrap(), 0);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// A `redis-server` of the test's own on a free port; killed on drop.
 struct RedisServer {
     child: std::process::Child,
