@@ -38,9 +38,11 @@ mod ctx;
 pub mod deps;
 mod flow;
 pub mod metrics;
+pub mod outbound;
 mod registry;
 mod schema;
 mod state;
+pub mod tls;
 
 pub use chain::{
     authenticate, run_body_filter, run_header_filter, run_log, run_phase, Chain, Entry, Phase,

@@ -33,7 +33,8 @@ fn schema() -> Value {
             "public_results": {"type": "boolean", "default": false},
             "retry_after": {"type": "integer", "minimum": 1, "maximum": 3600, "default": 5},
             "callback_url": {"type": "string", "pattern": "^https?://"},
-            "callback_secret": {"type": "string", "minLength": 16}
+            "callback_secret": {"type": "string", "minLength": 16},
+            "callback_ssl_verify": {"type": "boolean", "default": true}
         },
         "additionalProperties": false
     })
@@ -50,6 +51,7 @@ struct Config {
     retry_after: u64,
     callback_url: Option<String>,
     callback_secret: Option<String>,
+    callback_ssl_verify: bool,
 }
 
 struct AsyncRequest {
@@ -109,6 +111,7 @@ impl Plugin for AsyncRequest {
             callback: self.c.callback_url.as_ref().map(|url| Callback {
                 url: url.clone(),
                 secret: self.c.callback_secret.clone(),
+                verify: self.c.callback_ssl_verify,
             }),
             concurrency: self.c.concurrency,
             idempotency_key: ctx

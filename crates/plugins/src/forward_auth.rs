@@ -15,11 +15,11 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use turnpike_plugin::outbound;
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin, Reply, Resume};
 
 pub(crate) const NAME: &str = "forward-auth";
@@ -54,6 +54,7 @@ fn schema() -> Value {
 #[derive(Deserialize)]
 struct Config {
     uri: String,
+    ssl_verify: bool,
     request_method: String,
     request_headers: Vec<String>,
     upstream_headers: Vec<String>,
@@ -75,7 +76,7 @@ struct ForwardAuth {
     timeout: Duration,
     allow_degradation: bool,
     status_on_error: StatusCode,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<outbound::Connector, Full<Bytes>>,
 }
 
 pub(crate) fn factory() -> Factory {
@@ -117,7 +118,7 @@ fn build(config: Value, _env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
         allow_degradation: c.allow_degradation,
         status_on_error: StatusCode::from_u16(c.status_on_error)
             .map_err(|_| FieldError::new("status_on_error", "not an HTTP status"))?,
-        client: builder.build_http(),
+        client: builder.build(outbound::connector(c.ssl_verify)),
     }))
 }
 
@@ -160,13 +161,16 @@ impl ForwardAuth {
 }
 
 async fn ask(
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<outbound::Connector, Full<Bytes>>,
     req: Request<Full<Bytes>>,
     timeout: Duration,
     client_headers: Arc<[HeaderName]>,
 ) -> Verdict {
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| outbound::describe(&e))?;
         let (parts, body) = resp.into_parts();
         if parts.status.is_success() {
             return Ok((parts, Bytes::new()));
@@ -244,14 +248,10 @@ mod tests {
     use crate::test_util::errors;
 
     #[test]
-    fn https_and_missing_uri_are_refused() {
-        let https = errors(NAME, json!({"uri": "https://auth"}));
-        assert_eq!(https[0].path, "uri");
-        assert!(
-            https[0].message.contains("not supported yet"),
-            "{}",
-            https[0].message
-        );
+    fn https_is_taken_and_other_schemes_and_a_missing_uri_are_refused() {
+        crate::test_util::entry(NAME, json!({"uri": "https://auth", "ssl_verify": false}));
+        let other = errors(NAME, json!({"uri": "ftp://auth"}));
+        assert_eq!(other[0].path, "uri");
         assert!(!errors(NAME, json!({})).is_empty());
     }
 }

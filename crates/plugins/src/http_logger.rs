@@ -11,11 +11,11 @@ use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use turnpike_plugin::outbound;
 use turnpike_plugin::{typed, Env, Factory, FieldError, Plugin};
 
 use crate::logger::{self, LogConfig, Logger, Sink};
@@ -47,6 +47,7 @@ struct Config {
     auth_header: Option<String>,
     timeout: u64,
     concat_method: String,
+    ssl_verify: bool,
     #[serde(flatten)]
     log: LogConfig,
 }
@@ -56,7 +57,7 @@ struct Collector {
     auth: Option<HeaderValue>,
     timeout: Duration,
     json: bool,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<outbound::Connector, Full<Bytes>>,
 }
 
 impl Sink for Collector {
@@ -92,7 +93,7 @@ impl Sink for Collector {
                     Ok(())
                 }
                 Ok(Ok(resp)) => Err(format!("{} answered {}", self.uri, resp.status())),
-                Ok(Err(e)) => Err(format!("{}: {e}", self.uri)),
+                Ok(Err(e)) => Err(format!("{}: {}", self.uri, outbound::describe(&e))),
                 Err(_) => Err(format!("{}: no answer within {:?}", self.uri, self.timeout)),
             }
         })
@@ -111,12 +112,13 @@ fn build(config: Value, env: &Env) -> Result<Arc<dyn Plugin>, FieldError> {
     };
     let timeout = Duration::from_secs(c.timeout);
     let json = c.concat_method == "json";
+    let verify = c.ssl_verify;
     let collector = || Collector {
         uri,
         auth,
         timeout,
         json,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(outbound::connector(verify)),
     };
     Logger::build(NAME, env, &config, &c.log, collector)
 }

@@ -109,14 +109,11 @@ pub(crate) fn config_digest(config: &serde_json::Value) -> u32 {
 /// the reason (plugins have no TLS client yet), not as a pattern mismatch.
 pub(crate) fn http_url(url: &str, field: &str) -> Result<http::Uri, turnpike_plugin::FieldError> {
     use turnpike_plugin::FieldError;
-    if url.starts_with("https://") {
+    if !url.starts_with("http://") && !url.starts_with("https://") {
         return Err(FieldError::new(
             field,
-            "`https://` is not supported yet (plugins call out over plain HTTP): use an `http://` address",
+            "must start with `http://` or `https://`",
         ));
-    }
-    if !url.starts_with("http://") {
-        return Err(FieldError::new(field, "must start with `http://`"));
     }
     url.parse()
         .map_err(|_| FieldError::new(field, "not a valid URI"))

@@ -15,11 +15,11 @@ use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use turnpike_plugin::outbound;
 use turnpike_plugin::{typed, Ctx, Env, Factory, FieldError, Flow, Plugin};
 
 pub(crate) const NAME: &str = "proxy-mirror";
@@ -51,11 +51,12 @@ struct Config {
 }
 
 struct ProxyMirror {
+    scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     path: Option<String>,
     prefix: bool,
     sample_ratio: f64,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<outbound::Connector, Full<Bytes>>,
 }
 
 pub(crate) fn factory() -> Factory {
@@ -74,11 +75,14 @@ impl ProxyMirror {
             .cloned()
             .ok_or_else(|| FieldError::new("host", "needs a host, as in http://mirror:8080"))?;
         Ok(ProxyMirror {
+            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
             authority,
             path: c.path,
             prefix: c.path_concat_mode == "prefix",
             sample_ratio: c.sample_ratio,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            // A mirror's certificate is not checked (nginx's
+            // `proxy_ssl_verify off`, which APISIX's mirror uses).
+            client: Client::builder(TokioExecutor::new()).build(outbound::connector(false)),
         })
     }
 
@@ -100,7 +104,7 @@ impl ProxyMirror {
 
     fn copy(&self, ctx: &Ctx) -> Option<Request<Full<Bytes>>> {
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(self.path_and_query(ctx)?)
             .build()
@@ -131,7 +135,10 @@ impl Plugin for ProxyMirror {
         let request_id = ctx.request_id.clone();
         tokio::spawn(async move {
             let exchange = async {
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| outbound::describe(&e))?;
                 // Read to the end, piece by piece and kept nowhere, so the
                 // connection can be reused.
                 let mut body = resp.into_body();
@@ -198,8 +205,10 @@ mod tests {
     }
 
     #[test]
-    fn https_and_bad_paths_are_refused() {
-        assert_eq!(errors(NAME, json!({"host": "https://m"}))[0].path, "host");
+    fn https_mirrors_keep_their_scheme_and_bad_hosts_and_paths_are_refused() {
+        let r = copied(json!({"host": "https://m:81"}), "/orders");
+        assert_eq!(r.uri().to_string(), "https://m:81/orders");
+        assert_eq!(errors(NAME, json!({"host": "ftp://m"}))[0].path, "host");
         assert_eq!(errors(NAME, json!({"host": "http://m/p"}))[0].path, "host");
         assert_eq!(
             errors(NAME, json!({"host": "http://m", "path": "a"}))[0].path,

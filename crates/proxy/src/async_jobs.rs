@@ -409,7 +409,9 @@ pub fn on_end(job: &Job, outcome: Option<&Outcome>) {
 
 async fn deliver(callback: turnpike_queue::Callback, id: String, payload: String) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
+        .build::<_, http_body_util::Full<Bytes>>(turnpike_plugin::outbound::connector(
+        callback.verify,
+    ));
     let mut pause = Duration::from_secs(1);
     for attempt in 1..=CALLBACK_ATTEMPTS {
         let timestamp = std::time::SystemTime::now()
@@ -433,7 +435,7 @@ async fn deliver(callback: turnpike_queue::Callback, id: String, payload: String
         let why = match sent {
             Ok(Ok(resp)) if resp.status().is_success() => return,
             Ok(Ok(resp)) => format!("answered {}", resp.status()),
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => turnpike_plugin::outbound::describe(&e),
             Err(_) => "no answer in 10 s".into(),
         };
         if attempt == CALLBACK_ATTEMPTS {

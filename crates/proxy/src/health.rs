@@ -103,12 +103,14 @@ async fn probe(up: &Upstream, i: usize, active: &Active) -> Outcome {
         let mut stream = if active.kind == "https" {
             // The name the certificate must carry: the probe's host, else the node's.
             let name = turnpike_plugin::host_only(host);
-            match crate::tls::connect(tcp, name, active.https_verify_certificate, false).await {
+            match turnpike_plugin::tls::connect(tcp, name, active.https_verify_certificate, false)
+                .await
+            {
                 Ok(tls) => tls,
                 Err(_) => return Outcome::TcpFailure,
             }
         } else {
-            crate::tls::MaybeTls::Plain(tcp)
+            turnpike_plugin::tls::MaybeTls::Plain(tcp)
         };
         let mut request = format!("GET {} HTTP/1.1\r\nHost: {host}\r\n", active.http_path);
         for h in &active.req_headers {

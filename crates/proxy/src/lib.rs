@@ -23,7 +23,6 @@ mod pool;
 mod server;
 mod status;
 mod timed;
-mod tls;
 mod upgrade;
 
 use std::sync::atomic::AtomicBool;

@@ -24,7 +24,7 @@ use turnpike_config::{Keepalive, Node, Scheme};
 use crate::body::{BodySent, ProxyBody};
 use crate::idle::IdlePool;
 use crate::timed::Timed;
-use crate::tls;
+use turnpike_plugin::tls;
 
 /// Where a connection goes, and how.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::clock::IdleTimer;
-use crate::tls::MaybeTls;
+use turnpike_plugin::tls::MaybeTls;
 
 pub(crate) struct Timed {
     inner: MaybeTls,

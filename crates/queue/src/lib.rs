@@ -80,6 +80,13 @@ pub struct Job {
 pub struct Callback {
     pub url: String,
     pub secret: Option<String>,
+    /// Whether an `https://` receiver's certificate is checked.
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A stored answer.

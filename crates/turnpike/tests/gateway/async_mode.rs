@@ -254,7 +254,11 @@ async fn server_sent_events_push_the_result() {
 
 /// A webhook receiver: answers 500 to the first call, 200 after; keeps
 /// each call's headers and body.
-async fn receiver() -> (
+/// A webhook receiver, over TLS (self-signed) with `tls`: its URL and the
+/// calls it got. It answers the first call 500, the others 200.
+async fn receiver(
+    tls: bool,
+) -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(http::HeaderMap, Bytes)>>>,
 ) {
@@ -262,10 +266,12 @@ async fn receiver() -> (
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = calls.clone();
+    let acceptor = tls.then(self_signed_acceptor);
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let seen = seen.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -284,19 +290,33 @@ async fn receiver() -> (
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match acceptor {
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                            .await;
+                    }
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                            .await;
+                    }
+                }
             });
         }
     });
-    (format!("http://{addr}/hook"), calls)
+    let scheme = if tls { "https" } else { "http" };
+    (format!("{scheme}://{addr}/hook"), calls)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_signed_and_retried() {
     let up = Upstream::start("a").await;
-    let (url, calls) = receiver().await;
+    let (url, calls) = receiver(false).await;
     let secret = "a-secret-of-enough-length";
     let plugin = format!("{{callback_url: \"{url}\", callback_secret: {secret}}}");
     let (gw, _data) = gateway(&route(&up.node(), &plugin, "")).await;
@@ -487,4 +507,30 @@ async fn a_redis_outage_refuses_submissions_clearly_and_the_queue_resumes() {
     let r = result(&gw, &id, &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["uri"], "/after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_webhooks_are_delivered_and_their_certificates_checked() {
+    let up = Upstream::start("a").await;
+    let (unchecked, got) = receiver(true).await;
+    let (checked, never) = receiver(true).await;
+    let node = up.node();
+    let routes = format!(
+        "routes:\n  - {{id: a, uri: /a, plugins: {{async-request: {{callback_url: \"{unchecked}\", callback_ssl_verify: false}}}}, upstream: {{nodes: {{\"{node}\": 1}}}}}}\n  - {{id: b, uri: /b, plugins: {{async-request: {{callback_url: \"{checked}\"}}}}, upstream: {{nodes: {{\"{node}\": 1}}}}}}\n"
+    );
+    let (gw, _data) = gateway(&routes).await;
+    assert_eq!(submit(&gw, "/a", &[]).await.status, 202);
+    assert_eq!(submit(&gw, "/b", &[]).await.status, 202);
+    // Unchecked: delivered over TLS (the first answer is 500, then 200).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome: serde_json::Value = serde_json::from_slice(&got.lock().unwrap()[1].1).unwrap();
+    assert_eq!(outcome["status"], "done");
+    // Checked (the default): a self-signed certificate is refused.
+    gw.wait_log(&format!("async webhook to {checked}"), 1).await;
+    assert!(gw.log_text().contains("certificate"), "{}", gw.log_text());
+    assert!(never.lock().unwrap().is_empty());
 }

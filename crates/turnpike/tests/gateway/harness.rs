@@ -645,7 +645,8 @@ impl Load {
 }
 
 /// An HTTPS server with a self-signed certificate for `localhost`.
-pub async fn tls_upstream() -> String {
+/// Accepts TLS with a fresh self-signed certificate for `localhost`.
+pub fn self_signed_acceptor() -> tokio_rustls::TlsAcceptor {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
@@ -656,7 +657,12 @@ pub async fn tls_upstream() -> String {
     .with_no_client_auth()
     .with_single_cert(vec![cert.cert.der().clone()], key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// A node that answers "over tls" over TLS (self-signed); its address.
+pub async fn tls_upstream() -> String {
+    let acceptor = self_signed_acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -370,13 +370,22 @@ async fn forward_auth_allows_denies_and_degrades() {
     let n = up.node();
     let auth = auth_service().await;
     let dead = format!("http://127.0.0.1:{}/auth", free_port());
+    // An auth service over TLS with a self-signed certificate (it allows all).
+    let tls = format!("https://{}/auth", tls_upstream().await);
     let gw = Gateway::start(&format!(
-        "routes:\n{}{}{}",
+        "routes:\n{}{}{}{}{}",
         route(&n, "/fa", &format!("{{forward-auth: {{uri: \"{auth}\", request_headers: [authorization], upstream_headers: [x-user-id], client_headers: [www-authenticate]}}}}")),
         route(&n, "/down", &format!("{{forward-auth: {{uri: \"{dead}\", timeout: 500}}}}")),
         route(&n, "/degraded", &format!("{{forward-auth: {{uri: \"{dead}\", timeout: 500, allow_degradation: true}}}}")),
+        route(&n, "/tls", &format!("{{forward-auth: {{uri: \"{tls}\", ssl_verify: false}}}}")),
+        route(&n, "/tls-checked", &format!("{{forward-auth: {{uri: \"{tls}\"}}}}")),
     ))
     .await;
+    // https: allowed without verification; with it (the default), the
+    // self-signed certificate fails the call, and the log says why.
+    assert_eq!(get(&gw.url("/tls")).await.unwrap().status, 200);
+    assert_eq!(get(&gw.url("/tls-checked")).await.unwrap().status, 403);
+    gw.wait_log("certificate", 1).await;
     let r = get_with(&gw.url("/fa?q=1"), &[("authorization", "Bearer good")]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.seen("x-user-id").as_deref(), Some("42"));
@@ -394,7 +403,7 @@ async fn forward_auth_allows_denies_and_degrades() {
     );
     assert_eq!(get(&gw.url("/down")).await.unwrap().status, 403);
     assert_eq!(get(&gw.url("/degraded")).await.unwrap().status, 200);
-    assert_eq!(up.hits(), 2);
+    assert_eq!(up.hits(), 3);
 }
 
 #[tokio::test]

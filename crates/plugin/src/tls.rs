@@ -1,4 +1,5 @@
-//! TLS to upstreams (`scheme: https` and `grpcs`), with rustls.
+//! TLS to upstreams (`scheme: https` and `grpcs`) and for the calls plugins
+//! make (see [`crate::outbound`]), with rustls.
 //!
 //! As in APISIX (and nginx's `proxy_ssl_verify off`), the upstream's
 //! certificate is not verified unless the upstream sets `tls.verify: true`;
@@ -19,18 +20,13 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// A connection to a node, with or without TLS.
-pub(crate) enum MaybeTls {
+pub enum MaybeTls {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// Performs the TLS handshake; `h2` offers ALPN `h2`, otherwise `http/1.1`.
-pub(crate) async fn connect(
-    tcp: TcpStream,
-    name: &str,
-    verify: bool,
-    h2: bool,
-) -> io::Result<MaybeTls> {
+pub async fn connect(tcp: TcpStream, name: &str, verify: bool, h2: bool) -> io::Result<MaybeTls> {
     let name = ServerName::try_from(
         name.trim_start_matches('[')
             .trim_end_matches(']')
