@@ -2,16 +2,20 @@
 //! upstream through its route ([`execute`]); a client reads the result at
 //! `/turnpike/async/{id}` ([`result`]), by polling, long polling or
 //! Server-Sent Events; and a route's webhook gets each outcome
-//! ([`on_end`]), signed with HMAC-SHA256 and retried with backoff.
+//! ([`deliver`]), signed with HMAC-SHA256 (the queue keeps the deliveries
+//! due and retries them with backoff).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::request::Parts;
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
 use turnpike_config::Snapshot;
 use turnpike_plugin::{authenticate, Conn, Ctx};
 use turnpike_queue::{Answer, Found, Job, Outcome};
@@ -386,65 +390,65 @@ fn outcome_json(id: &str, found: &Found) -> serde_json::Value {
     }
 }
 
-/// Attempts at delivering a webhook; the wait doubles from 1 s between them.
-const CALLBACK_ATTEMPTS: u32 = 6;
-
-/// Posts a job's outcome to its route's `callback_url`, if it has one.
-pub fn on_end(job: &Job, outcome: Option<&Outcome>) {
+/// One webhook attempt (the queue keeps the deliveries due and retries,
+/// see `turnpike_queue::Deliver`): the outcome as JSON, POSTed to the
+/// route's `callback_url`, signed when it has a `callback_secret`.
+pub fn deliver(
+    job: &Job,
+    found: &Found,
+) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
     let Some(callback) = job.callback.clone() else {
-        return;
+        return Box::pin(async { Ok(()) });
     };
-    let found = match outcome {
-        Some(o) => Found::Done {
-            job: job.clone(),
-            answer: o.answer.clone(),
-            body: o.body.clone(),
-            finished: 0,
-        },
-        None => Found::Expired { job: job.clone() },
-    };
-    let payload = outcome_json(&job.id, &found).to_string();
-    tokio::spawn(deliver(callback, job.id.clone(), payload));
+    let payload = outcome_json(&job.id, found).to_string();
+    let id = job.id.clone();
+    Box::pin(async move { post(&callback, &id, payload).await })
 }
 
-async fn deliver(callback: turnpike_queue::Callback, id: String, payload: String) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::Full<Bytes>>(turnpike_plugin::outbound::connector(
-        callback.verify,
-    ));
-    let mut pause = Duration::from_secs(1);
-    for attempt in 1..=CALLBACK_ATTEMPTS {
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut req = http::Request::post(callback.url.as_str())
-            .header(CONTENT_TYPE, "application/json")
-            .header("x-turnpike-request-id", id.as_str())
-            .header("x-turnpike-timestamp", timestamp);
-        if let Some(secret) = &callback.secret {
-            req = req.header(
-                "x-turnpike-signature",
-                signature(secret, timestamp, &payload),
-            );
-        }
-        let Ok(req) = req.body(http_body_util::Full::new(Bytes::from(payload.clone()))) else {
-            tracing::error!(request_id = %id, "async webhook: `{}` is not a usable URL", callback.url);
-            return;
-        };
-        let sent = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
-        let why = match sent {
-            Ok(Ok(resp)) if resp.status().is_success() => return,
-            Ok(Ok(resp)) => format!("answered {}", resp.status()),
-            Ok(Err(e)) => turnpike_plugin::outbound::describe(&e),
-            Err(_) => "no answer in 10 s".into(),
-        };
-        if attempt == CALLBACK_ATTEMPTS {
-            tracing::error!(request_id = %id, "async webhook to {}: {why}; gave up after {attempt} attempts", callback.url);
-            return;
-        }
-        tracing::warn!(request_id = %id, "async webhook to {}: {why}; again in {pause:?}", callback.url);
-        tokio::time::sleep(pause).await;
-        pause *= 2;
+/// The webhook clients: with and without certificate checks.
+fn webhook_client(verify: bool) -> Client<turnpike_plugin::outbound::Connector, Full<Bytes>> {
+    static CLIENTS: OnceLock<[Client<turnpike_plugin::outbound::Connector, Full<Bytes>>; 2]> =
+        OnceLock::new();
+    CLIENTS.get_or_init(|| {
+        [false, true].map(|verify| {
+            Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(turnpike_plugin::outbound::connector(verify))
+        })
+    })[verify as usize]
+        .clone()
+}
+
+async fn post(
+    callback: &turnpike_queue::Callback,
+    id: &str,
+    payload: String,
+) -> Result<(), String> {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut req = http::Request::post(callback.url.as_str())
+        .header(CONTENT_TYPE, "application/json")
+        .header("x-turnpike-request-id", id)
+        .header("x-turnpike-timestamp", timestamp);
+    if let Some(secret) = &callback.secret {
+        req = req.header(
+            "x-turnpike-signature",
+            signature(secret, timestamp, &payload),
+        );
+    }
+    let req = req
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|_| format!("`{}` is not a usable URL", callback.url))?;
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        webhook_client(callback.verify).request(req),
+    )
+    .await;
+    match sent {
+        Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+        Ok(Err(e)) => Err(turnpike_plugin::outbound::describe(&e)),
+        Err(_) => Err("no answer in 10 s".into()),
     }
 }
 

@@ -33,7 +33,7 @@ use arc_swap::ArcSwap;
 use http::HeaderName;
 use turnpike_config::Snapshot;
 
-pub use async_jobs::{execute, on_end};
+pub use async_jobs::{deliver, execute};
 pub use body::ProxyBody;
 pub use dns::{Dns, DnsNode};
 pub use health::start_health_checks;

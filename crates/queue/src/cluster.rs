@@ -33,7 +33,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{broadcast, Notify};
 
 use crate::{
-    idempotency, metrics, Accepted, Executor, Found, Job, OnEnd, Outcome, Refused, Status, EVERYONE,
+    idempotency, metrics, Accepted, Executor, Found, Job, Outcome, Refused, Status, EVERYONE,
 };
 
 /// How often a node renews the jobs it runs.
@@ -75,6 +75,7 @@ fn stream_key(route: &str) -> String {
 const COMMON: &str = r#"
 local ROUTES, CONCURRENCY = 'turnpike:async:routes', 'turnpike:async:concurrency'
 local WORK, ENDED = 'turnpike:async:work', 'turnpike:async:ended'
+local DELIVERIES = 'turnpike:async:deliveries'
 local function job_key(id) return 'turnpike:async:job:' .. id end
 local function now_ms()
   local t = redis.call('TIME')
@@ -102,20 +103,26 @@ local function live(key, ms)
   end
 end
 local function kept(key) return tonumber(redis.call('HGET', key, 'rttl')) * 1000 end
+-- A job that ends with a webhook leaves its delivery due, at once.
+local function ended(key, id, now)
+  if redis.call('HGET', key, 'cb') == '1' then redis.call('ZADD', DELIVERIES, now, id) end
+  redis.call('PUBLISH', ENDED, id)
+end
 -- Marks a queued job expired; returns its job JSON.
 local function expire(id, now)
   local key = job_key(id)
   redis.call('HSET', key, 'state', 'expired', 'fin', now)
   redis.call('HDEL', key, 'body')
   live(key, kept(key))
-  redis.call('PUBLISH', ENDED, id)
+  ended(key, id, now)
   return redis.call('HGET', key, 'job')
 end
 "#;
 
 /// KEYS: stream, job hash, idempotency key (or the job hash again).
 /// ARGV: id, job JSON, body, ttl ms, max_queue, result_ttl s, route,
-/// has key ("1"), concurrency. Returns {id, 0 new | 1 repeated | 2 full}.
+/// has key ("1"), concurrency, has a webhook ("1"). Returns {id, 0 new |
+/// 1 repeated | 2 full}.
 const SUBMIT: &str = r#"
 if ARGV[8] == '1' then
   local first = redis.call('GET', KEYS[3])
@@ -127,7 +134,7 @@ end
 if waiting(KEYS[1]) >= tonumber(ARGV[5]) then return {'', 2} end
 local sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[2], 'job', ARGV[2], 'body', ARGV[3], 'state', 'queued',
-  'exp', now_ms() + tonumber(ARGV[4]), 'sid', sid, 'route', ARGV[7], 'rttl', ARGV[6])
+  'exp', now_ms() + tonumber(ARGV[4]), 'sid', sid, 'route', ARGV[7], 'rttl', ARGV[6], 'cb', ARGV[10])
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[2], 'idem', KEYS[3])
   redis.call('SET', KEYS[3], ARGV[1])
@@ -255,10 +262,11 @@ local ender = ARGV[6] .. ' ' .. ARGV[1]
 if not f[1] then return 2 end
 if f[1] == 'done' and f[2] == ender then return 1 end
 if f[1] ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'ans', ARGV[2], 'res', ARGV[3], 'fin', now_ms(), 'ender', ender)
+local now = now_ms()
+redis.call('HSET', KEYS[1], 'state', 'done', 'ans', ARGV[2], 'res', ARGV[3], 'fin', now, 'ender', ender)
 redis.call('HDEL', KEYS[1], 'body')
 live(KEYS[1], kept(KEYS[1]))
-redis.call('PUBLISH', ENDED, ARGV[4])
+ended(KEYS[1], ARGV[4], now)
 return 1
 "#;
 
@@ -277,12 +285,36 @@ end
 return {f[1], state, f[4] or '', f[5] or '', f[6] or '0', ahead}
 "#;
 
+/// ARGV: lease ms, count. Takes the webhook deliveries due (each due
+/// again after the lease unless settled). Returns {{id, failed}, …}.
+const DUE: &str = r#"
+local now = now_ms()
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', DELIVERIES, '-inf', now, 'LIMIT', 0, ARGV[2])) do
+  redis.call('ZADD', DELIVERIES, now + tonumber(ARGV[1]), id)
+  table.insert(out, {id, tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')})
+end
+return out
+"#;
+
+/// ARGV: id, failed attempts ("" when done), wait ms. Settles a delivery.
+const SETTLE: &str = r#"
+if ARGV[2] == '' then
+  redis.call('ZREM', DELIVERIES, ARGV[1])
+  return 0
+end
+redis.call('ZADD', DELIVERIES, now_ms() + tonumber(ARGV[3]), ARGV[1])
+local key = job_key(ARGV[1])
+if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'attempts', ARGV[2]) end
+return 0
+"#;
+
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{COMMON}{body}"))
 }
 
-static SCRIPTS: LazyLock<[redis::Script; 6]> =
-    LazyLock::new(|| [SUBMIT, TAKE, EXPIRE, RECLAIM, END, FIND].map(script));
+static SCRIPTS: LazyLock<[redis::Script; 8]> =
+    LazyLock::new(|| [SUBMIT, TAKE, EXPIRE, RECLAIM, END, FIND, DUE, SETTLE].map(script));
 
 #[derive(Clone, Copy)]
 enum Lua {
@@ -292,6 +324,8 @@ enum Lua {
     Reclaim,
     End,
     Find,
+    Due,
+    Settle,
 }
 
 /// A job taken by this node: its stream entry, the job and its body.
@@ -304,7 +338,8 @@ pub struct Cluster {
     /// This node's consumer name in every route's group.
     node: String,
     pub(crate) ended: broadcast::Sender<String>,
-    on_end: OnEnd,
+    /// Told when this node ends a job with a webhook.
+    pub(crate) delivery: Notify,
     /// Jobs this node runs: id → (route, stream entry).
     running: Mutex<HashMap<String, (String, String)>>,
     /// Routes told to have work since the last round.
@@ -322,7 +357,7 @@ impl Cluster {
     /// A node of the queue shared through the Redis at `url`. Connects on
     /// first use: a node started while Redis is down serves, and answers
     /// submissions 503, until it is back.
-    pub fn open(url: &str, on_end: OnEnd) -> Result<Arc<Cluster>, String> {
+    pub fn open(url: &str) -> Result<Arc<Cluster>, String> {
         let client = redis::Client::open(url).map_err(|e| format!("gateway.redis.url: {e}"))?;
         let address = client.get_connection_info().addr.to_string();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -338,7 +373,7 @@ impl Cluster {
             conn: tokio::sync::OnceCell::new(),
             node,
             ended: broadcast::channel(1024).0,
-            on_end,
+            delivery: Notify::new(),
             running: Mutex::default(),
             hinted: Mutex::default(),
             depths: Mutex::default(),
@@ -432,6 +467,7 @@ impl Cluster {
         ]
         .map(|n| n.to_string());
         let has_key = if idem.is_some() { "1" } else { "0" };
+        let has_webhook = if job.callback.is_some() { "1" } else { "0" };
         let (id, answer): (String, u8) = self
             .run_script(
                 Lua::Submit,
@@ -446,6 +482,7 @@ impl Cluster {
                     job.route.as_bytes(),
                     has_key.as_bytes(),
                     numbers[3].as_bytes(),
+                    has_webhook.as_bytes(),
                 ],
             )
             .await?;
@@ -674,7 +711,9 @@ impl Cluster {
         for json in jobs {
             if let Ok(job) = serde_json::from_slice::<Job>(&json) {
                 metrics::ended(&Status::Expired, None);
-                (self.on_end)(&job, None);
+                if job.callback.is_some() {
+                    self.delivery.notify_one();
+                }
             }
         }
     }
@@ -743,7 +782,9 @@ impl Cluster {
             match self.end(&job, &sid, &outcome).await {
                 Ok(1) => {
                     metrics::ended(&Status::Done, Some(&outcome));
-                    (self.on_end)(&job, Some(&outcome));
+                    if job.callback.is_some() {
+                        self.delivery.notify_one();
+                    }
                     return;
                 }
                 Ok(2) => {
@@ -812,6 +853,32 @@ impl Cluster {
                 tracing::debug!("async queue: renewal: {e:?}");
             }
         }
+    }
+
+    /// The webhook deliveries due, each with its failed attempts, taken by
+    /// this node for [`crate::deliveries::LEASE`].
+    pub(crate) async fn due(&self) -> Result<Vec<(String, u32)>, Refused> {
+        let lease = crate::deliveries::LEASE.as_millis().to_string();
+        self.run_script(Lua::Due, &[], &[lease.as_bytes(), b"32"])
+            .await
+    }
+
+    /// Stores a delivery's outcome: done (`None`), or failed so many
+    /// times and due again after the backoff.
+    pub(crate) async fn settle(&self, id: &str, failed: Option<u32>) -> Result<(), Refused> {
+        let (failed, wait) = match failed {
+            None => (String::new(), String::new()),
+            Some(n) => (
+                n.to_string(),
+                crate::deliveries::backoff(n).as_millis().to_string(),
+            ),
+        };
+        self.run_script::<()>(
+            Lua::Settle,
+            &[],
+            &[id.as_bytes(), failed.as_bytes(), wait.as_bytes()],
+        )
+        .await
     }
 
     /// A route has work (or a free slot): take from it on the next round.

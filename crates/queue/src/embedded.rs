@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 
 use crate::{
-    fail, idempotency, metrics, now_ms, Accepted, Answer, Executor, Found, Job, OnEnd, Outcome,
-    Refused, Status,
+    fail, idempotency, metrics, now_ms, Accepted, Answer, Executor, Found, Job, Outcome, Refused,
+    Status,
 };
 
 /// Job id → JSON of [`Record`].
@@ -31,6 +31,8 @@ const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempoten
 /// (keep until, job id) → the job's idempotency entry (or ""): ended jobs
 /// in the order they are swept.
 const ENDS: TableDefinition<(u64, &str), &str> = TableDefinition::new("ends");
+/// Job id → its webhook's failed attempts and when the next is due.
+const DELIVERIES: TableDefinition<&str, (u32, u64)> = TableDefinition::new("deliveries");
 /// `seq` → the last sequence number given.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -152,10 +154,10 @@ pub struct Embedded {
     running: Mutex<HashSet<String>>,
     work: Notify,
     pub(crate) ended: broadcast::Sender<String>,
-    pub(crate) on_end: std::sync::OnceLock<OnEnd>,
-    /// Where `on_end` runs (it may spawn tasks), though ends are stored on
-    /// a thread of their own.
-    pub(crate) runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Told when a job with a webhook ends.
+    pub(crate) delivery: Notify,
+    /// Deliveries being sent now (not due again meanwhile).
+    sending: Mutex<HashSet<String>>,
 }
 
 impl Embedded {
@@ -173,6 +175,7 @@ impl Embedded {
         }
         txn.open_table(IDEMPOTENCY).map_err(|e| e.to_string())?;
         txn.open_table(META).map_err(|e| e.to_string())?;
+        txn.open_table(DELIVERIES).map_err(|e| e.to_string())?;
         let indexed = txn
             .list_tables()
             .map_err(|e| e.to_string())?
@@ -200,8 +203,8 @@ impl Embedded {
                 running: Mutex::default(),
                 work: Notify::new(),
                 ended: broadcast::channel(1024).0,
-                on_end: std::sync::OnceLock::new(),
-                runtime: std::sync::OnceLock::new(),
+                delivery: Notify::new(),
+                sending: Mutex::default(),
             }
         });
         let requeued = queue.recover().map_err(|e| format!("{e:?}"))?;
@@ -651,7 +654,14 @@ impl Embedded {
                 let mut bodies = txn.open_table(BODIES).map_err(fail)?;
                 let mut results = txn.open_table(RESULTS).map_err(fail)?;
                 let mut ends = txn.open_table(ENDS).map_err(fail)?;
+                let mut deliveries = txn.open_table(DELIVERIES).map_err(fail)?;
                 for e in &group {
+                    if e.record.job.callback.is_some() {
+                        // The webhook is due as the end is stored: both or neither.
+                        deliveries
+                            .insert(e.record.job.id.as_str(), (0, now_ms()))
+                            .map_err(fail)?;
+                    }
                     let id = e.record.job.id.as_str();
                     let bytes = serde_json::to_vec(&e.record).map_err(fail)?;
                     records.insert(id, bytes.as_slice()).map_err(fail)?;
@@ -667,13 +677,12 @@ impl Embedded {
             txn.commit().map_err(fail)
         };
         let stored = write();
-        let _runtime = self.runtime.get().map(|r| r.enter());
         for e in group {
             if stored.is_ok() {
                 let _ = self.ended.send(e.record.job.id.clone());
                 metrics::ended(&e.record.status, e.outcome.as_ref());
-                if let Some(on_end) = self.on_end.get() {
-                    on_end(&e.record.job, e.outcome.as_ref());
+                if e.record.job.callback.is_some() {
+                    self.delivery.notify_one();
                 }
             }
             let _ = e.reply.send(stored.clone());
@@ -822,4 +831,51 @@ fn index_ends(txn: &redb::WriteTransaction) -> Result<(), Refused> {
             .map_err(fail)?;
     }
     Ok(())
+}
+
+impl Embedded {
+    /// The webhook deliveries due now and not being sent, each with its
+    /// failed attempts; they count as being sent until settled.
+    pub(crate) fn due(&self) -> Result<Vec<(String, u32)>, Refused> {
+        let now = now_ms();
+        let txn = self.db.begin_read().map_err(fail)?;
+        let table = txn.open_table(DELIVERIES).map_err(fail)?;
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut due = Vec::new();
+        for entry in table.iter().map_err(fail)? {
+            let (id, when) = entry.map_err(fail)?;
+            let (failed, at) = when.value();
+            if at <= now && sending.insert(id.value().to_owned()) {
+                due.push((id.value().to_owned(), failed));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Stores a delivery's outcome: done (`None`), or failed so many
+    /// times and due again after the backoff.
+    pub(crate) fn settle(&self, id: &str, failed: Option<u32>) -> Result<(), Refused> {
+        let write = || -> Result<(), Refused> {
+            let txn = self.db.begin_write().map_err(fail)?;
+            {
+                let mut table = txn.open_table(DELIVERIES).map_err(fail)?;
+                match failed {
+                    None => {
+                        table.remove(id).map_err(fail)?;
+                    }
+                    Some(n) => {
+                        let at = now_ms() + crate::deliveries::backoff(n).as_millis() as u64;
+                        table.insert(id, (n, at)).map_err(fail)?;
+                    }
+                }
+            }
+            txn.commit().map_err(fail)
+        };
+        let written = write();
+        self.sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        written
+    }
 }

@@ -176,8 +176,18 @@ pub struct Outcome {
     pub body: Bytes,
 }
 
-/// Told each job's end: with its outcome when done, without when expired.
-pub type OnEnd = Arc<dyn Fn(&Job, Option<&Outcome>) + Send + Sync>;
+/// One webhook attempt for an ended job (what [`Queue::lookup`] found of
+/// it): `Err` says why it failed. The queue keeps the deliveries due and
+/// calls this (see [`deliveries`]).
+pub type Deliver = Arc<
+    dyn Fn(
+            &Job,
+            &Found,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Runs one job (the gateway sends it upstream).
 pub type Executor = Arc<
@@ -241,7 +251,7 @@ struct Setup {
     place: Place,
     runtime: tokio::runtime::Handle,
     exec: Executor,
-    on_end: OnEnd,
+    deliver: Deliver,
 }
 
 static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
@@ -251,7 +261,7 @@ static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
 /// embedded one opens now if it holds jobs from an earlier run (so they
 /// run again), else on first use: a gateway without asynchronous routes
 /// never creates its file.
-pub fn configure(place: Place, runtime: tokio::runtime::Handle, exec: Executor, on_end: OnEnd) {
+pub fn configure(place: Place, runtime: tokio::runtime::Handle, exec: Executor, deliver: Deliver) {
     let now = match &place {
         Place::Dir(dir) => dir.join(embedded::FILE).exists(),
         Place::Redis(_) => true,
@@ -260,7 +270,7 @@ pub fn configure(place: Place, runtime: tokio::runtime::Handle, exec: Executor, 
         place,
         runtime,
         exec,
-        on_end,
+        deliver,
     };
     if SETUP.set(setup).is_ok() && now {
         let _ = installed();
@@ -286,17 +296,16 @@ pub fn installed() -> Option<Arc<Queue>> {
     }
     let setup = SETUP.get()?;
     let opened = match &setup.place {
-        Place::Dir(dir) => Embedded::open(dir).map(|e| {
-            let _ = e.on_end.set(setup.on_end.clone());
-            let _ = e.runtime.set(setup.runtime.clone());
-            Backend::Embedded(e)
-        }),
-        Place::Redis(url) => Cluster::open(url, setup.on_end.clone()).map(Backend::Cluster),
+        Place::Dir(dir) => Embedded::open(dir).map(Backend::Embedded),
+        Place::Redis(url) => Cluster::open(url).map(Backend::Cluster),
     };
     match opened {
         Ok(backend) => {
             let queue = Arc::new(Queue { backend });
             setup.runtime.spawn(queue.clone().run(setup.exec.clone()));
+            setup
+                .runtime
+                .spawn(queue.clone().deliveries(setup.deliver.clone()));
             Some(INSTALLED.get_or_init(|| queue).clone())
         }
         Err(e) => {
@@ -323,8 +332,8 @@ impl Queue {
     }
 
     /// The queue shared through the Redis at `url` (see [`Cluster::open`]).
-    pub fn open_shared(url: &str, on_end: OnEnd) -> Result<Arc<Queue>, String> {
-        Ok(Queue::over(Backend::Cluster(Cluster::open(url, on_end)?)))
+    pub fn open_shared(url: &str) -> Result<Arc<Queue>, String> {
+        Ok(Queue::over(Backend::Cluster(Cluster::open(url)?)))
     }
 
     fn over(backend: Backend) -> Arc<Queue> {
@@ -453,6 +462,7 @@ impl Queue {
 }
 
 mod cluster;
+mod deliveries;
 mod embedded;
 mod metrics;
 #[cfg(test)]

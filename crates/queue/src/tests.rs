@@ -345,9 +345,7 @@ impl Drop for RedisServer {
 async fn a_shared_queue_runs_each_route_in_order_within_its_concurrency_cluster_wide() {
     let redis = RedisServer::start();
     let url = format!("redis://127.0.0.1:{}", redis.port);
-    let nodes: Vec<Arc<Queue>> = (0..2)
-        .map(|_| Queue::open_shared(&url, Arc::new(|_: &Job, _: Option<&Outcome>| {})).unwrap())
-        .collect();
+    let nodes: Vec<Arc<Queue>> = (0..2).map(|_| Queue::open_shared(&url).unwrap()).collect();
     // Both nodes count calls in flight together, and note the start order.
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Arc::new(Mutex::new(Vec::<Bytes>::new()));

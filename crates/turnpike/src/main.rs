@@ -398,7 +398,7 @@ fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
         Box::pin(async move { turnpike_proxy::execute(&shared, job, body).await })
     });
     let runtime = tokio::runtime::Handle::current();
-    let on_end: turnpike_queue::OnEnd = Arc::new(turnpike_proxy::on_end);
+    let deliver: turnpike_queue::Deliver = Arc::new(turnpike_proxy::deliver);
     let place = match gateway.queue {
         QueueKind::Embedded => Place::Dir(Path::new(&gateway.data_dir).to_path_buf()),
         // `settings_errors` refused `redis` without a URL.
@@ -409,7 +409,7 @@ fn start_async_queue(gateway: &Gateway, shared: &Arc<Shared>) {
                 .map_or(String::new(), |r| r.url.clone()),
         ),
     };
-    turnpike_queue::configure(place, runtime, exec, on_end);
+    turnpike_queue::configure(place, runtime, exec, deliver);
 }
 
 /// Reloads each time the store changes; changes that come while a reload

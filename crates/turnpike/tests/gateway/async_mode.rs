@@ -255,9 +255,10 @@ async fn server_sent_events_push_the_result() {
 /// A webhook receiver: answers 500 to the first call, 200 after; keeps
 /// each call's headers and body.
 /// A webhook receiver, over TLS (self-signed) with `tls`: its URL and the
-/// calls it got. It answers the first call 500, the others 200.
+/// calls it got. It answers the first `failures` calls 500, then 200.
 async fn receiver(
     tls: bool,
+    failures: usize,
 ) -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(http::HeaderMap, Bytes)>>>,
@@ -284,7 +285,7 @@ async fn receiver(
                                 .to_bytes();
                             let mut calls = seen.lock().unwrap();
                             calls.push((parts.headers, body));
-                            let status = if calls.len() == 1 { 500 } else { 200 };
+                            let status = if calls.len() <= failures { 500 } else { 200 };
                             let mut resp = http::Response::new(full(Bytes::new()));
                             *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, std::convert::Infallible>(resp)
@@ -316,7 +317,7 @@ async fn receiver(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_signed_and_retried() {
     let up = Upstream::start("a").await;
-    let (url, calls) = receiver(false).await;
+    let (url, calls) = receiver(false, 1).await;
     let secret = "a-secret-of-enough-length";
     let plugin = format!("{{callback_url: \"{url}\", callback_secret: {secret}}}");
     let (gw, _data) = gateway(&route(&up.node(), &plugin, "")).await;
@@ -512,8 +513,8 @@ async fn a_redis_outage_refuses_submissions_clearly_and_the_queue_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_webhooks_are_delivered_and_their_certificates_checked() {
     let up = Upstream::start("a").await;
-    let (unchecked, got) = receiver(true).await;
-    let (checked, never) = receiver(true).await;
+    let (unchecked, got) = receiver(true, 1).await;
+    let (checked, never) = receiver(true, 1).await;
     let node = up.node();
     let routes = format!(
         "routes:\n  - {{id: a, uri: /a, plugins: {{async-request: {{callback_url: \"{unchecked}\", callback_ssl_verify: false}}}}, upstream: {{nodes: {{\"{node}\": 1}}}}}}\n  - {{id: b, uri: /b, plugins: {{async-request: {{callback_url: \"{checked}\"}}}}, upstream: {{nodes: {{\"{node}\": 1}}}}}}\n"
@@ -533,4 +534,69 @@ async fn https_webhooks_are_delivered_and_their_certificates_checked() {
     gw.wait_log(&format!("async webhook to {checked}"), 1).await;
     assert!(gw.log_text().contains("certificate"), "{}", gw.log_text());
     assert!(never.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_being_retried_is_delivered_after_kill_9() {
+    let up = Upstream::start("a").await;
+    // Two failures: the retries are 1 s and then 2 s apart.
+    let (url, calls) = receiver(false, 2).await;
+    let plugin = format!("{{callback_url: \"{url}\"}}");
+    let (mut gw, _data) = gateway(&route(&up.node(), &plugin, "")).await;
+    let id = submit(&gw, "/job", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no first delivery");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Killed before its first retry (due 1 s after the failure)…
+    gw.kill_and_restart().await;
+    // …the delivery is still due, and goes on after the restart.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while calls.lock().unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (headers, body) = calls.lock().unwrap()[2].clone();
+    assert_eq!(headers["x-turnpike-request-id"], id.as_str());
+    let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["status"], "done");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        3,
+        "nothing sent once delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusters_webhook_is_delivered_once_by_one_node() {
+    let redis = Redis::start();
+    let up = Upstream::start("a").await;
+    let (url, calls) = receiver(false, 1).await;
+    let routes = route(&up.node(), &format!("{{callback_url: \"{url}\"}}"), "");
+    let (a, _b) = (node(&redis, &routes).await, node(&redis, &routes).await);
+    let id = submit(&a, "/job", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // One failure, then the retry (by either node) succeeds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "{}", a.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        calls.lock().unwrap()[1].0["x-turnpike-request-id"],
+        id.as_str()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        2,
+        "delivered once across the nodes"
+    );
 }
