@@ -422,7 +422,17 @@ impl Cluster {
     {
         let answered = tokio::time::timeout(CALL_TIMEOUT, async {
             let conn = self.connection().await?;
-            send(conn).await.map_err(|e| self.down(e))
+            send(conn).await.map_err(|e| {
+                // An error reply (a refused command, a script's error) is
+                // Redis answering: only a failed exchange means it is down.
+                if e.kind() == redis::ErrorKind::ResponseError
+                    || e.kind() == redis::ErrorKind::ExtensionError
+                {
+                    Refused::Store(format!("async queue Redis {}: {e}", self.address))
+                } else {
+                    self.down(e)
+                }
+            })
         })
         .await
         .unwrap_or_else(|_| Err(self.down(format!("no answer in {CALL_TIMEOUT:?}"))))?;
@@ -542,7 +552,7 @@ impl Cluster {
             let round = async {
                 if all {
                     ticks += 1;
-                    self.tick(&exec, ticks.is_multiple_of(FORGET_EVERY)).await?;
+                    self.tick(&exec, ticks).await?;
                 }
                 self.take_hinted(&exec).await
             };
@@ -562,7 +572,7 @@ impl Cluster {
     }
 
     /// Every route that has had a job.
-    async fn routes(&self) -> Result<Vec<String>, Refused> {
+    pub(crate) async fn routes(&self) -> Result<Vec<String>, Refused> {
         self.call(|mut conn| async move {
             redis::cmd("SMEMBERS")
                 .arg(ROUTES)
@@ -575,7 +585,7 @@ impl Cluster {
     /// Once a second: tells the other nodes this one listens, then per
     /// route expires waiting jobs and reclaims dead nodes' work, and marks
     /// every route for taking. A route's failure does not stop the others.
-    async fn tick(self: &Arc<Self>, exec: &Executor, forget: bool) -> Result<(), Refused> {
+    async fn tick(self: &Arc<Self>, exec: &Executor, ticks: u64) -> Result<(), Refused> {
         self.call(|mut conn| async move {
             redis::cmd("PUBLISH")
                 .arg(WORK)
@@ -584,6 +594,10 @@ impl Cluster {
                 .await
         })
         .await?;
+        let forget = ticks.is_multiple_of(FORGET_EVERY);
+        if ticks % FORGET_EVERY == 1 {
+            self.check_eviction().await;
+        }
         let reclaim = self
             .back
             .lock()
@@ -600,6 +614,27 @@ impl Cluster {
                 .insert(route);
         }
         Ok(())
+    }
+
+    /// Warns (every [`FORGET_EVERY`] ticks) when Redis may evict keys: a
+    /// waiting job's keys expire with its ttl, so the `volatile-*`
+    /// policies would drop accepted requests first. A Redis that does not
+    /// allow `CONFIG` (managed services) is taken on trust.
+    pub(crate) async fn check_eviction(&self) {
+        let policy = self
+            .call(|mut conn| async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Ok(pair) = policy {
+            if let Some(policy) = pair.get(1).filter(|p| *p != "noeviction") {
+                tracing::warn!("async queue: Redis {} has maxmemory-policy {policy}: it may evict accepted requests; set noeviction", self.address);
+            }
+        }
     }
 
     /// Expires a route's stale waiting jobs and, with `reclaim`, takes

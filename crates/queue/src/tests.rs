@@ -311,6 +311,11 @@ struct RedisServer {
 
 impl RedisServer {
     fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments.
+    fn start_with(args: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -319,6 +324,7 @@ impl RedisServer {
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("`redis-server` is not installed: `apt-get install redis-server` (scripts/test does it)");
@@ -391,4 +397,15 @@ async fn a_shared_queue_runs_each_route_in_order_within_its_concurrency_cluster_
         2,
         "the route's concurrency holds across the nodes"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_a_command_is_still_up() {
+    // Managed Redis services often disable CONFIG.
+    let redis = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    let node = Cluster::open(&format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    assert!(node.routes().await.unwrap().is_empty());
+    assert!(node.up());
+    node.check_eviction().await;
+    assert!(node.up(), "an error reply is an answer");
 }
