@@ -19,6 +19,10 @@ pub(crate) const NAME: &str = "async-request";
 /// traffic-split (966) on the route does not apply to queued requests.
 pub(crate) const PRIORITY: i32 = 950;
 
+/// The shortest time, in seconds, a result with a webhook is kept: its
+/// six attempts (10 s each at most) and their waits (31 s) fit in it.
+const WEBHOOK_KEEP: u64 = 120;
+
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 fn schema() -> Value {
@@ -106,7 +110,11 @@ impl Plugin for AsyncRequest {
             headers,
             submitted: now,
             expires: now + self.c.ttl * 1000,
-            result_ttl: self.c.result_ttl,
+            // A webhook's retries read the result: kept while they may run.
+            result_ttl: match self.c.callback_url {
+                Some(_) => self.c.result_ttl.max(WEBHOOK_KEEP),
+                None => self.c.result_ttl,
+            },
             max_result_bytes: self.c.max_result_bytes,
             callback: self.c.callback_url.as_ref().map(|url| Callback {
                 url: url.clone(),

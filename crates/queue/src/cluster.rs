@@ -54,6 +54,9 @@ const TAKE_BATCH: usize = 64;
 const RECLAIM_BATCH: usize = 16;
 /// Every this many ticks, consumers of nodes gone for an hour are removed.
 const FORGET_EVERY: u64 = 60;
+/// Every this many ticks (and at the first), Redis's eviction policy is
+/// checked.
+const CHECK_EVERY: u64 = 3600;
 /// Published with a route name when it has work or a free slot (and
 /// empty, every second, by each node: a live subscription hears it).
 const WORK: &str = "turnpike:async:work";
@@ -277,10 +280,12 @@ local f = redis.call('HMGET', KEYS[1], 'job', 'state', 'exp', 'ans', 'res', 'fin
 if not f[1] then return {} end
 local state, ahead = f[2], 0
 if state == 'queued' and tonumber(f[3]) <= now_ms() then state = 'expired' end
-local stream = 'turnpike:async:q:' .. f[8]
-if state == 'queued' and redis.call('EXISTS', stream) == 1 then
-  local last = group(stream)
-  ahead = #redis.call('XRANGE', stream, '(' .. last, '(' .. f[7], 'COUNT', 1000)
+if state == 'queued' then
+  local stream = 'turnpike:async:q:' .. f[8]
+  if redis.call('EXISTS', stream) == 1 then
+    local last = group(stream)
+    ahead = #redis.call('XRANGE', stream, '(' .. last, '(' .. f[7], 'COUNT', 1000)
+  end
 end
 return {f[1], state, f[4] or '', f[5] or '', f[6] or '0', ahead}
 "#;
@@ -330,6 +335,9 @@ enum Lua {
 
 /// A job taken by this node: its stream entry, the job and its body.
 type Taken = (String, Vec<u8>, Vec<u8>);
+
+/// TAKE's answer: jobs taken, jobs expired, jobs waiting, ids gone.
+type TakeReply = (Vec<Taken>, Vec<Vec<u8>>, usize, Vec<String>);
 
 pub struct Cluster {
     client: redis::Client,
@@ -595,7 +603,7 @@ impl Cluster {
         })
         .await?;
         let forget = ticks.is_multiple_of(FORGET_EVERY);
-        if ticks % FORGET_EVERY == 1 {
+        if ticks % CHECK_EVERY == 1 {
             self.check_eviction().await;
         }
         let reclaim = self
@@ -687,23 +695,32 @@ impl Cluster {
             self.start(exec, route, taken);
         }
         for (sid, job) in failed {
-            self.give_up(route, sid, &job).await;
+            self.give_up(route, sid, &job);
         }
         Ok(())
     }
 
     /// Ends a job whose nodes died under it [`MAX_TAKEOVERS`] times: 502.
-    async fn give_up(self: &Arc<Self>, route: &str, sid: String, job: &[u8]) {
+    fn give_up(self: &Arc<Self>, route: &str, sid: String, job: &[u8]) {
         let Ok(job) = serde_json::from_slice::<Job>(job) else {
             tracing::error!("async queue: unreadable job in route {route}");
             return;
         };
+        // Renewed while its end is stored, like a running job.
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id.clone(), (route.to_owned(), sid.clone()));
         tracing::error!(
             "async queue: {} was taken over {MAX_TAKEOVERS} times (its node stopped each time); it ends as failed",
             job.id
         );
         let outcome = failure("the request was started several times and never finished: each gateway running it stopped");
-        self.clone().finish(job, sid, outcome).await;
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _running = Running(me.clone(), job.id.clone());
+            me.finish(job, sid, outcome).await;
+        });
     }
 
     fn set_depth(&self, route: &str, waiting: usize) {
@@ -722,13 +739,23 @@ impl Cluster {
             .collect();
         let batch = TAKE_BATCH.to_string();
         for route in routes {
-            let (taken, expired, waiting, lost): (Vec<Taken>, Vec<Vec<u8>>, usize, Vec<String>) =
-                self.run_script(
+            let took: Result<TakeReply, Refused> = self
+                .run_script(
                     Lua::Take,
                     &[&stream_key(&route)],
                     &[route.as_bytes(), self.node.as_bytes(), batch.as_bytes()],
                 )
-                .await?;
+                .await;
+            let (taken, expired, waiting, lost) = match took {
+                Ok(took) => took,
+                // Redis down: the round ends (and says so once).
+                Err(e) if !self.up() => return Err(e),
+                // This route's trouble is its own.
+                Err(e) => {
+                    tracing::warn!("async queue: route {route}: {e:?}");
+                    continue;
+                }
+            };
             self.set_depth(&route, waiting);
             self.expired(expired);
             for id in lost {
@@ -894,7 +921,8 @@ impl Cluster {
     /// this node for [`crate::deliveries::LEASE`].
     pub(crate) async fn due(&self) -> Result<Vec<(String, u32)>, Refused> {
         let lease = crate::deliveries::LEASE.as_millis().to_string();
-        self.run_script(Lua::Due, &[], &[lease.as_bytes(), b"32"])
+        let batch = crate::deliveries::BATCH.to_string();
+        self.run_script(Lua::Due, &[], &[lease.as_bytes(), batch.as_bytes()])
             .await
     }
 

@@ -12,6 +12,8 @@ use crate::{Backend, Deliver, Queue, Refused};
 
 /// Attempts at delivering a webhook; the wait doubles from 1 s between.
 pub(crate) const ATTEMPTS: u32 = 6;
+/// The most deliveries taken at once (more are taken at once after).
+pub(crate) const BATCH: usize = 64;
 /// A delivery taken by a node and not settled within this is due again
 /// (the node stopped): only the shared queue needs it.
 pub(crate) const LEASE: Duration = Duration::from_secs(60);
@@ -38,18 +40,40 @@ impl Queue {
                     continue;
                 }
             };
+            if due.len() == BATCH {
+                self.delivery_wake().notify_one();
+            }
             for (id, failed) in due {
-                tokio::spawn(self.clone().deliver_one(send.clone(), id, failed));
+                let sending = Sending(self.clone(), id);
+                tokio::spawn(sending.deliver(send.clone(), failed));
             }
         }
     }
+}
 
+/// A delivery this node took: let go if its task ends unsettled (a panic).
+struct Sending(Arc<Queue>, String);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Backend::Embedded(e) = &self.0.backend {
+            e.release(&self.1);
+        }
+    }
+}
+
+impl Sending {
     /// One attempt at one delivery, and its outcome stored.
-    async fn deliver_one(self: Arc<Self>, send: Deliver, id: String, failed: u32) {
-        let next = match self.lookup(&id).await {
+    async fn deliver(self, send: Deliver, failed: u32) {
+        let (queue, id) = (&self.0, self.1.as_str());
+        let next = match queue.lookup(id).await {
             Ok(found) => match found.job() {
-                // Swept (its result_ttl passed): nothing left to send.
-                None => None,
+                // Swept: results with a webhook are kept at least as long
+                // as its retries (see `async-request`), so this is rare.
+                None => {
+                    tracing::error!(request_id = %id, "async webhook: the result is gone (past its result_ttl); not sent");
+                    None
+                }
                 Some(job) => {
                     let url = job.callback.as_ref().map_or("", |c| c.url.as_str());
                     match send(job, &found).await {
@@ -71,11 +95,13 @@ impl Queue {
                 Some(failed)
             }
         };
-        if let Err(e) = self.settle(&id, next).await {
+        if let Err(e) = queue.settle(id, next).await {
             tracing::warn!(request_id = %id, "async webhook: cannot store the delivery's outcome: {e:?}");
         }
     }
+}
 
+impl Queue {
     fn delivery_wake(&self) -> &tokio::sync::Notify {
         match &self.backend {
             Backend::Embedded(e) => &e.delivery,

@@ -838,18 +838,33 @@ impl Embedded {
     /// failed attempts; they count as being sent until settled.
     pub(crate) fn due(&self) -> Result<Vec<(String, u32)>, Refused> {
         let now = now_ms();
+        // Held across the read: a delivery settled meanwhile is not seen
+        // due in a snapshot from before its settling.
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.db.begin_read().map_err(fail)?;
         let table = txn.open_table(DELIVERIES).map_err(fail)?;
-        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
         let mut due = Vec::new();
         for entry in table.iter().map_err(fail)? {
             let (id, when) = entry.map_err(fail)?;
             let (failed, at) = when.value();
-            if at <= now && sending.insert(id.value().to_owned()) {
+            if at <= now && !sending.contains(id.value()) {
                 due.push((id.value().to_owned(), failed));
+                if due.len() == crate::deliveries::BATCH {
+                    break;
+                }
             }
         }
+        sending.extend(due.iter().map(|(id, _)| id.clone()));
         Ok(due)
+    }
+
+    /// Lets a delivery be due again without settling it (its sender
+    /// failed before it could).
+    pub(crate) fn release(&self, id: &str) {
+        self.sending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Stores a delivery's outcome: done (`None`), or failed so many
