@@ -30,7 +30,9 @@ static X_ASYNC_REQUEST_ID: HeaderName = HeaderName::from_static("x-async-request
 const MAX_WAIT: u64 = 60;
 
 /// Sends `job` upstream with its route's balancer, timeouts and retries,
-/// and keeps the answer (its body cut at the job's `max_result_bytes`).
+/// through the phases it has left (before_proxy, then the response phases
+/// and log), and keeps the answer (its body cut at the job's
+/// `max_result_bytes`).
 pub async fn execute(shared: &Shared, job: Job, body: Bytes) -> Outcome {
     let snapshot = shared.snapshot.load_full();
     let Some(route) = snapshot.routes.iter().find(|r| *r.id == *job.route) else {
@@ -46,8 +48,12 @@ pub async fn execute(shared: &Shared, job: Job, body: Bytes) -> Outcome {
         );
     };
     ctx.body = Some(body);
-    let resp =
-        crate::handler::forward(route, &mut ctx, None, shared.client_body_timeout, false).await;
+    // Its plugins join the later phases, as they would have.
+    ctx.consumer = job
+        .consumer
+        .as_deref()
+        .and_then(|c| snapshot.consumers.get(c).cloned());
+    let resp = crate::phases::serve_queued(&snapshot, route, ctx, shared.client_body_timeout).await;
     let (parts, body) = resp.into_parts();
     let (body, truncated) = read_at_most(body, job.max_result_bytes).await;
     let headers = parts

@@ -78,6 +78,26 @@ pub(crate) async fn serve(
     response_phases(global, chain, logged, answer).await
 }
 
+/// A queued request's turn (the asynchronous mode's workers): the phase
+/// left after `access` (before_proxy), the upstream, then the response
+/// phases and `log`, as the request would have had them. The request
+/// phases up to `access` ran when it was accepted.
+pub(crate) async fn serve_queued(
+    snapshot: &Snapshot,
+    route: &Route,
+    ctx: Ctx,
+    client_body_timeout: Duration,
+) -> Response<ProxyBody> {
+    let (global, chain) = (&snapshot.global, &route.chain);
+    let mut logged = Logged::start(ctx, global.clone(), chain.clone());
+    let ctx = &mut logged.ctx;
+    let answer = match run_phase(Phase::BeforeProxy, global, chain, ctx).await {
+        Some(reply) => Answer::Plugin(reply),
+        None => Answer::Upstream(forward(route, ctx, None, client_body_timeout, true).await),
+    };
+    response_phases(global, chain, logged, answer).await
+}
+
 enum Answer {
     Upstream(Response<ProxyBody>),
     Plugin(Reply),

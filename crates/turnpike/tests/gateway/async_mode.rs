@@ -155,7 +155,8 @@ async fn ttl_idempotency_and_a_full_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_consumer_that_asked_reads_the_result() {
     let up = Upstream::start("a").await;
-    let consumers = "consumers:\n  - {username: jack, plugins: {key-auth: {key: jack-key}}}\n  - {username: rose, plugins: {key-auth: {key: rose-key}}}\n";
+    // Jack's own plugins apply when his queued request runs, too.
+    let consumers = "consumers:\n  - {username: jack, plugins: {key-auth: {key: jack-key}, response-rewrite: {headers: {set: {x-for: jack}}}}}\n  - {username: rose, plugins: {key-auth: {key: rose-key}}}\n";
     let routes = format!(
         "routes:\n  - {{id: jobs, uri: /*, plugins: {{key-auth: {{}}, async-request: {{}}}}, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
         up.node()
@@ -169,6 +170,7 @@ async fn only_the_consumer_that_asked_reads_the_result() {
     let mine = result(&gw, &id, &[("apikey", "jack-key")]).await;
     assert_eq!(mine.status, 200, "{}", mine.body);
     assert_eq!(mine.json()["headers"]["x-consumer-username"], "jack");
+    assert_eq!(mine.headers["x-for"], "jack");
     assert_eq!(
         result(&gw, &id, &[("apikey", "rose-key")]).await.status,
         404
@@ -599,4 +601,35 @@ async fn a_clusters_webhook_is_delivered_once_by_one_node() {
         2,
         "delivered once across the nodes"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_runs_the_phases_it_has_left() {
+    let up = Upstream::start("a").await;
+    let mirror = Upstream::start("mirror").await;
+    // before_proxy (proxy-mirror) and header_filter (response-rewrite) run
+    // when the worker sends the request, as they would have synchronously.
+    let routes = format!(
+        "routes:\n  - {{id: jobs, uri: /*, plugins: {{async-request: {{}}, proxy-mirror: {{host: \"http://{}\"}}, response-rewrite: {{headers: {{set: {{x-rewritten: yes}}}}}}}}, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        mirror.node(),
+        up.node()
+    );
+    let (gw, _data) = gateway(&routes).await;
+    let id = submit(&gw, "/job", &[]).await.json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = result(&gw, &id, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["x-rewritten"], "yes");
+    assert_eq!(r.json()["uri"], "/job");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mirror.hits() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the queued request was not mirrored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.hits(), 1);
 }
