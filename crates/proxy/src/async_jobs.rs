@@ -167,6 +167,22 @@ pub(crate) async fn result(
     conn: Arc<Conn>,
     request_id: HeaderValue,
 ) -> Response<ProxyBody> {
+    let mut resp = read_result(snapshot, id, parts, conn, request_id.clone()).await;
+    // The gateway's own answers name this request; a stored answer keeps
+    // the id it had (the job's).
+    resp.headers_mut()
+        .entry(crate::X_REQUEST_ID.clone())
+        .or_insert(request_id);
+    resp
+}
+
+async fn read_result(
+    snapshot: &Snapshot,
+    id: &str,
+    parts: Parts,
+    conn: Arc<Conn>,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
     let Some(queue) = turnpike_queue::running() else {
         return json(
             StatusCode::NOT_FOUND,

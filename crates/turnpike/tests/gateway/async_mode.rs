@@ -176,6 +176,10 @@ async fn only_the_consumer_that_asked_reads_the_result() {
         404
     );
     assert_eq!(result(&gw, &id, &[]).await.status, 401);
+    // The gateway's own answers carry this request's id.
+    let unknown = result(&gw, "no-such-id", &[]).await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.headers.contains_key("x-request-id"));
     assert_eq!(up.hits(), 1);
 }
 
