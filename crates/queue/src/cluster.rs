@@ -359,6 +359,8 @@ pub struct Cluster {
     /// When Redis last answered after not answering: other nodes get a
     /// lease to renew their jobs before this one takes any over.
     back: Mutex<std::time::Instant>,
+    /// [`LEASE`], shorter in tests.
+    pub(crate) lease: Duration,
 }
 
 impl Cluster {
@@ -366,6 +368,11 @@ impl Cluster {
     /// first use: a node started while Redis is down serves, and answers
     /// submissions 503, until it is back.
     pub fn open(url: &str) -> Result<Arc<Cluster>, String> {
+        Cluster::open_with_lease(url, LEASE)
+    }
+
+    /// [`Cluster::open`] with another lease (tests).
+    pub(crate) fn open_with_lease(url: &str, lease: Duration) -> Result<Arc<Cluster>, String> {
         let client = redis::Client::open(url).map_err(|e| format!("gateway.redis.url: {e}"))?;
         let address = client.get_connection_info().addr.to_string();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -388,6 +395,7 @@ impl Cluster {
             wake: Notify::new(),
             up: AtomicBool::new(false),
             back: Mutex::new(std::time::Instant::now()),
+            lease,
         }))
     }
 
@@ -611,7 +619,7 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .elapsed()
-            > LEASE;
+            > self.lease;
         for route in self.routes().await? {
             if let Err(e) = self.tend(exec, &route, forget, reclaim).await {
                 tracing::warn!("async queue: route {route}: {e:?}");
@@ -647,7 +655,7 @@ impl Cluster {
 
     /// Expires a route's stale waiting jobs and, with `reclaim`, takes
     /// over the jobs of nodes silent past the lease.
-    async fn tend(
+    pub(crate) async fn tend(
         self: &Arc<Self>,
         exec: &Executor,
         route: &str,
@@ -669,7 +677,7 @@ impl Cluster {
             return Ok(());
         }
         let (lease, count, most) = (
-            LEASE.as_millis().to_string(),
+            self.lease.as_millis().to_string(),
             RECLAIM_BATCH.to_string(),
             MAX_TAKEOVERS.to_string(),
         );
@@ -730,7 +738,7 @@ impl Cluster {
     }
 
     /// Takes jobs from the routes told to have work: one call per route.
-    async fn take_hinted(self: &Arc<Self>, exec: &Executor) -> Result<(), Refused> {
+    pub(crate) async fn take_hinted(self: &Arc<Self>, exec: &Executor) -> Result<(), Refused> {
         let routes: Vec<String> = self
             .hinted
             .lock()
@@ -945,7 +953,7 @@ impl Cluster {
     }
 
     /// A route has work (or a free slot): take from it on the next round.
-    fn hint(&self, route: String) {
+    pub(crate) fn hint(&self, route: String) {
         if route.is_empty() {
             return;
         }

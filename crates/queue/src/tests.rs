@@ -409,3 +409,55 @@ async fn a_redis_that_refuses_a_command_is_still_up() {
     node.check_eviction().await;
     assert!(node.up(), "an error reply is an answer");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_nodes_keep_dying_ends_failed_after_three_takeovers() {
+    let redis = RedisServer::start();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let lease = Duration::from_millis(200);
+    // Nodes whose calls never end and that never renew (`run` is not
+    // called): each dies with the job, as far as the others can tell.
+    let node = || Cluster::open_with_lease(&url, lease).unwrap();
+    let hang: Executor = Arc::new(|_, _| Box::pin(std::future::pending()));
+    let first = node();
+    let id = first
+        .submit(job("r1", 60_000), Bytes::new(), 100)
+        .await
+        .unwrap()
+        .id;
+    first.hint("r1".into());
+    first.take_hinted(&hang).await.unwrap();
+    let mut nodes = vec![first];
+    for takeover in 1..=4 {
+        tokio::time::sleep(lease * 2).await;
+        let next = node();
+        next.tend(&hang, "r1", false, true).await.unwrap();
+        nodes.push(next);
+        if takeover <= 3 {
+            let found = nodes[0].find(&id).await.unwrap();
+            assert!(
+                matches!(
+                    found,
+                    Found::Waiting {
+                        status: Status::Running,
+                        ..
+                    }
+                ),
+                "taken over {takeover} times, it runs again: {found:?}"
+            );
+        }
+    }
+    // Three takeovers ran it again; the fourth ends it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match nodes[0].find(&id).await.unwrap() {
+            Found::Done { answer, body, .. } => {
+                assert_eq!(answer.status, 502);
+                assert!(String::from_utf8_lossy(&body).contains("started several times"));
+                break;
+            }
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
