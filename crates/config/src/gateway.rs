@@ -109,6 +109,9 @@ pub struct Etcd {
     pub prefix: String,
     #[serde(default = "default_etcd_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// How many commit records the Admin API history keeps in etcd.
+    #[serde(default = "default_history_kept")]
+    pub history_kept: u64,
 }
 
 impl Default for Etcd {
@@ -117,6 +120,7 @@ impl Default for Etcd {
             endpoints: default_etcd_endpoints(),
             prefix: default_etcd_prefix(),
             timeout: default_etcd_timeout(),
+            history_kept: default_history_kept(),
         }
     }
 }
@@ -138,6 +142,9 @@ fn default_etcd_prefix() -> String {
 }
 fn default_etcd_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_history_kept() -> u64 {
+    10_000
 }
 
 /// `gateway.dns`: the resolvers asked for DNS discovery.

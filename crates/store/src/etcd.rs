@@ -50,6 +50,9 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// Wait between attempts while etcd does not answer.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// The most history records one pruning deletes.
+const PRUNE_MAX: u64 = 1_000;
+
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
     /// `http://host:port`, tried in order.
@@ -58,6 +61,8 @@ pub struct EtcdSettings {
     pub prefix: String,
     /// For each request but the watch.
     pub timeout: Duration,
+    /// Commit records kept; older ones are deleted after each commit.
+    pub history_kept: u64,
 }
 
 pub struct Etcd {
@@ -187,6 +192,7 @@ impl Etcd {
             return Err(StoreError::Conflict(key));
         }
         let revision = revision_of(&answer);
+        tokio::spawn(inner.clone().prune());
         // Read-your-writes: wait (briefly) for the watch to bring it.
         let mut changes = self.changes();
         let seen =
@@ -360,6 +366,58 @@ impl Inner {
             modified: number(&kv["mod_revision"]),
         };
         Some((relative, item))
+    }
+
+    /// Deletes the oldest history records beyond `history_kept` (at most
+    /// [`PRUNE_MAX`] a time). Record keys sort by time, so the oldest are
+    /// a range from the prefix's start. Any node may do it; doing it twice
+    /// is harmless.
+    async fn prune(self: Arc<Self>) {
+        let prefix = self.history_prefix();
+        let (start, end) = (B64.encode(&prefix), B64.encode(range_end(&prefix)));
+        let count = self
+            .call(
+                "/v3/kv/range",
+                json!({"key": start, "range_end": end, "count_only": true}),
+            )
+            .await;
+        let excess = match count {
+            Ok(answer) => number(&answer["count"]).saturating_sub(self.settings.history_kept),
+            Err(e) => {
+                tracing::debug!("etcd: history not pruned: {e}");
+                return;
+            }
+        };
+        if excess == 0 {
+            return;
+        }
+        let oldest = self
+            .call(
+                "/v3/kv/range",
+                json!({"key": start, "range_end": end, "keys_only": true,
+                    "sort_order": "ASCEND", "sort_target": "KEY",
+                    "limit": excess.min(PRUNE_MAX).to_string()}),
+            )
+            .await;
+        let last = oldest.ok().and_then(|a| {
+            a["kvs"]
+                .as_array()
+                .and_then(|kvs| kvs.last())
+                .and_then(|kv| kv["key"].as_str())
+                .and_then(|k| B64.decode(k).ok())
+        });
+        let Some(mut last) = last else { return };
+        // Up to and including the last of them.
+        last.push(0);
+        let deleted = self
+            .call(
+                "/v3/kv/deleterange",
+                json!({"key": start, "range_end": B64.encode(last)}),
+            )
+            .await;
+        if let Err(e) = deleted {
+            tracing::debug!("etcd: history not pruned: {e}");
+        }
     }
 
     /// History records, newest first, at most `limit`, with revisions
@@ -658,6 +716,7 @@ mod tests {
             endpoints: vec!["http://127.0.0.1:1".into()],
             prefix: "/apisix/".into(),
             timeout: Duration::from_secs(1),
+            history_kept: 10,
         })
     }
 

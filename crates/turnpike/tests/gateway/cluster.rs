@@ -268,3 +268,48 @@ async fn a_broken_stored_config_is_mended_through_the_admin_api() {
         .ctl(&["get", "/apisix/stream_routes/1"])
         .contains("9100"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_keeps_only_the_newest_history_records() {
+    let etcd = Etcd::start();
+    let provider = format!(
+        "  config_provider: etcd\n  etcd: {{endpoints: [\"{}\"], prefix: /apisix, timeout: 2s, history_kept: 3}}\n",
+        etcd.endpoint()
+    );
+    let node = Managed::start(&provider, "").await;
+    for i in 0..6 {
+        let r = node
+            .put(
+                &format!("/apisix/admin/routes/{i}"),
+                mock_route(&format!("/{i}"), "x"),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Pruning follows each commit: the three newest records stay.
+    let records = || {
+        etcd.ctl(&[
+            "get",
+            "/apisix-turnpike/history/",
+            "--prefix",
+            "--keys-only",
+        ])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records() != 3 {
+        assert!(Instant::now() < deadline, "{} records", records());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let history = node.get("/turnpike/admin/history").await.json();
+    let keys: Vec<String> = history["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["keys"][0].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 3, "{history}");
+    assert!(keys[0].ends_with("/routes/5"), "newest first: {keys:?}");
+}
