@@ -144,15 +144,7 @@ async fn read_at_most(mut body: ProxyBody, max: usize) -> (Bytes, bool) {
 }
 
 fn gateway_answer(status: StatusCode, message: &str) -> Outcome {
-    let body = serde_json::json!({ "error_msg": message }).to_string();
-    Outcome {
-        answer: Answer {
-            status: status.as_u16(),
-            headers: vec![("content-type".into(), b"application/json".to_vec())],
-            truncated: false,
-        },
-        body: Bytes::from(body),
-    }
+    Outcome::error(status.as_u16(), message)
 }
 
 /// `GET /turnpike/async/{id}[?wait=N]`: 202 with the state while the job
@@ -199,12 +191,7 @@ async fn read_result(
         Ok(f) => f,
         Err(e) => return unavailable(&format!("{e:?}")),
     };
-    let unknown = || {
-        json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error_msg": "unknown request id", "request_id": id}),
-        )
-    };
+    let unknown = || answer(id, Found::Unknown);
     let Some(job) = found.job() else {
         return unknown();
     };

@@ -980,14 +980,7 @@ impl Drop for Running {
 
 /// The answer stored for a job the gateway could not run.
 fn failure(why: &str) -> Outcome {
-    Outcome {
-        answer: crate::Answer {
-            status: 502,
-            headers: vec![("content-type".into(), b"application/json".to_vec())],
-            truncated: false,
-        },
-        body: Bytes::from(serde_json::json!({ "error_msg": why }).to_string()),
-    }
+    Outcome::error(502, why)
 }
 
 /// Renews this node's running jobs every [`HEARTBEAT`], apart from the

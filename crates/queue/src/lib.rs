@@ -17,7 +17,7 @@
 //! `ttl` passes before a worker takes it is marked expired and never
 //! executed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -176,6 +176,20 @@ pub struct Outcome {
     pub body: Bytes,
 }
 
+impl Outcome {
+    /// The gateway's own answer: `{"error_msg": message}` with `status`.
+    pub fn error(status: u16, message: &str) -> Outcome {
+        Outcome {
+            answer: Answer {
+                status,
+                headers: vec![("content-type".into(), b"application/json".to_vec())],
+                truncated: false,
+            },
+            body: Bytes::from(serde_json::json!({ "error_msg": message }).to_string()),
+        }
+    }
+}
+
 /// One webhook attempt for an ended job (what [`Queue::lookup`] found of
 /// it): `Err` says why it failed. The queue keeps the deliveries due and
 /// calls this (see [`deliveries`]).
@@ -326,11 +340,6 @@ enum Backend {
 }
 
 impl Queue {
-    /// This node's queue in `dir` (see [`Embedded::open`]).
-    pub fn open(dir: &Path) -> Result<Arc<Queue>, String> {
-        Ok(Queue::over(Backend::Embedded(Embedded::open(dir)?)))
-    }
-
     /// The queue shared through the Redis at `url` (see [`Cluster::open`]).
     pub fn open_shared(url: &str) -> Result<Arc<Queue>, String> {
         Ok(Queue::over(Backend::Cluster(Cluster::open(url)?)))
