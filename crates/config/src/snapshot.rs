@@ -34,6 +34,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// A snapshot with no routes: every request gets 404.
+    /// The route with `id` (the asynchronous mode's jobs name theirs).
+    pub fn route(&self, id: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| *r.id == *id)
+    }
+
     pub fn empty() -> Snapshot {
         Snapshot {
             revision: 0,

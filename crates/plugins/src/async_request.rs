@@ -134,10 +134,13 @@ impl Plugin for AsyncRequest {
         // The store waits for fsync (or Redis): off the proxy's threads.
         Flow::Await(Box::pin(async move {
             // Opening an embedded queue (on first use) touches the disk.
-            let queue = tokio::task::spawn_blocking(turnpike_queue::installed)
-                .await
-                .ok()
-                .flatten();
+            let queue = match turnpike_queue::running() {
+                Some(queue) => Some(queue),
+                None => tokio::task::spawn_blocking(turnpike_queue::installed)
+                    .await
+                    .ok()
+                    .flatten(),
+            };
             let stored = match queue {
                 Some(queue) => queue.submit(job, body, max_queue).await,
                 None => Err(Refused::Store(

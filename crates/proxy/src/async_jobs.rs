@@ -35,7 +35,7 @@ const MAX_WAIT: u64 = 60;
 /// `max_result_bytes`).
 pub async fn execute(shared: &Shared, job: Job, body: Bytes) -> Outcome {
     let snapshot = shared.snapshot.load_full();
-    let Some(route) = snapshot.routes.iter().find(|r| *r.id == *job.route) else {
+    let Some(route) = snapshot.route(&job.route) else {
         return gateway_answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "the route of this request no longer exists",
@@ -181,12 +181,22 @@ async fn read_result(
             serde_json::json!({"error_msg": "no asynchronous queue on this gateway"}),
         );
     };
-    let wait = parts
+    let wait = match parts
         .uri
         .query()
-        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("wait=")))
-        .and_then(|w| w.parse::<u64>().ok())
-        .map_or(0, |w| w.min(MAX_WAIT));
+        .and_then(|q| turnpike_router::query_arg(q, "wait"))
+    {
+        None => 0,
+        Some(w) => match w.parse::<u64>() {
+            Ok(w) => w.min(MAX_WAIT),
+            Err(_) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error_msg": "wait must be a whole number of seconds"}),
+                )
+            }
+        },
+    };
     let found = match queue.lookup(id).await {
         Ok(f) => f,
         Err(e) => return unavailable(&format!("{e:?}")),
@@ -229,9 +239,7 @@ async fn asker(
     ctx: &mut Ctx,
 ) -> Result<Option<String>, turnpike_plugin::Reply> {
     let chain = snapshot
-        .routes
-        .iter()
-        .find(|r| *r.id == *route)
+        .route(route)
         .map(|r| r.chain.clone())
         .unwrap_or_default();
     if let Some(reply) = authenticate(&snapshot.global, &chain, ctx).await {

@@ -600,22 +600,13 @@ fn finish(
             };
             Err(Attempt::Failed(
                 failure,
-                format!("upstream request failed: {}", chain(&e)),
+                format!(
+                    "upstream request failed: {}",
+                    turnpike_plugin::outbound::describe(&e)
+                ),
             ))
         }
     }
-}
-
-/// An error with its causes: hyper's own text rarely says what happened.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn client_stalled(e: &hyper::Error) -> bool {

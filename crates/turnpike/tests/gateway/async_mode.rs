@@ -180,6 +180,8 @@ async fn only_the_consumer_that_asked_reads_the_result() {
     let unknown = result(&gw, "no-such-id", &[]).await;
     assert_eq!(unknown.status, 404);
     assert!(unknown.headers.contains_key("x-request-id"));
+    let bad_wait = get_with(&gw.url(&format!("/turnpike/async/{id}?wait=soon")), &[]).await;
+    assert_eq!(bad_wait.status, 400, "{}", bad_wait.body);
     assert_eq!(up.hits(), 1);
 }
 
