@@ -1,6 +1,6 @@
 //! `/turnpike/registry[/{service}[/{instance}]]`: services announce their
 //! instances (PUT, which also renews), leave (DELETE), and anyone with a
-//! key reads them (GET). Beyond APISIX; see docs/registry.md.
+//! key reads them (GET). Beyond APISIX; see docs/discovery.md.
 
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -14,7 +14,7 @@ pub(crate) async fn handle(admin: &Admin, call: &Call<'_>, rest: &str) -> Answer
     };
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
     for p in &parts {
-        if !valid(p) {
+        if !crate::resources::valid_id(p) {
             return Answer::error(
                 StatusCode::BAD_REQUEST,
                 "service and instance names are 1 to 64 characters from a-z A-Z 0-9 - _ .",
@@ -62,12 +62,4 @@ async fn register(registry: &Registry, call: &Call<'_>, service: &str, instance:
 
 fn unavailable(e: StoreError) -> Answer {
     Answer::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-}
-
-fn valid(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

@@ -71,13 +71,17 @@ impl Target {
     }
 }
 
-fn check_id(singular: &str, id: &str) -> Result<(), Answer> {
-    let ok = !id.is_empty()
+/// A resource id (or registry name): 1 to 64 of `A-Za-z0-9-_.`.
+pub(crate) fn valid_id(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= 64
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn check_id(singular: &str, id: &str) -> Result<(), Answer> {
+    if valid_id(id) {
         Ok(())
     } else {
         Err(Answer::error(

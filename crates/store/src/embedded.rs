@@ -85,11 +85,9 @@ impl Embedded {
 
     pub async fn commit(&self, writes: Vec<Write>, actor: &str) -> Result<u64, StoreError> {
         // redb's commit waits for fsync: off the async threads.
-        let inner = self.inner.clone();
         let actor = actor.to_owned();
-        tokio::task::spawn_blocking(move || inner.commit(writes, &actor))
+        self.blocking(move |inner| inner.commit(writes, &actor))
             .await
-            .map_err(fail)?
     }
 
     pub async fn history(
@@ -190,11 +188,7 @@ impl Inner {
     /// The state at `revision`: today's, with every later commit undone.
     fn values_at(&self, revision: u64) -> Result<BTreeMap<String, Value>, StoreError> {
         let current = self.mirror.load_full();
-        let mut values: BTreeMap<String, Value> = current
-            .items
-            .iter()
-            .map(|(k, i)| (k.clone(), i.value.clone()))
-            .collect();
+        let mut values = crate::values(&current);
         let txn = self.db.begin_read().map_err(fail)?;
         let history = txn.open_table(HISTORY).map_err(fail)?;
         let oldest = history

@@ -149,6 +149,9 @@ fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
             "TLS listeners are not available in this build",
         ));
     }
+    if g.config_provider == Provider::Etcd {
+        errors.extend(etcd_errors(&g.etcd));
+    }
     if g.queue == QueueKind::Redis && g.redis.is_none() {
         errors.push(ConfigError::new(
             "gateway",
@@ -171,6 +174,36 @@ fn settings_errors(g: &Gateway) -> Vec<ConfigError> {
                 format!("`{addr}` is not ip:port"),
             ));
         }
+    }
+    errors
+}
+
+/// `gateway.etcd` as this build can use it: plain-HTTP endpoints (TLS to
+/// etcd is not supported), at least one, and some history.
+fn etcd_errors(etcd: &turnpike_config::Etcd) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if etcd.endpoints.is_empty() {
+        errors.push(ConfigError::new(
+            "gateway",
+            "etcd.endpoints",
+            "at least one endpoint is needed",
+        ));
+    }
+    for (i, e) in etcd.endpoints.iter().enumerate() {
+        if !e.starts_with("http://") {
+            errors.push(ConfigError::new(
+                "gateway",
+                format!("etcd.endpoints[{i}]"),
+                format!("`{e}` must start with `http://` (TLS to etcd is not supported)"),
+            ));
+        }
+    }
+    if etcd.history_kept == 0 {
+        errors.push(ConfigError::new(
+            "gateway",
+            "etcd.history_kept",
+            "must be at least 1",
+        ));
     }
     errors
 }
@@ -269,7 +302,8 @@ fn init_logging(level: &str) {
 fn first_from_store(store: &Store, gateway: &Gateway) -> (Snapshot, Option<String>) {
     match source::compile(&store.state(), gateway, None) {
         Ok((snapshot, warnings)) => {
-            for w in warnings.iter().chain(&snapshot.warnings) {
+            // The snapshot's own warnings are logged by `serve`.
+            for w in &warnings {
                 tracing::warn!("{w}");
             }
             (snapshot, None)

@@ -30,7 +30,7 @@ pub async fn open(file: &ConfigFile, path: &Path) -> Result<Option<Arc<Store>>, 
                     endpoints: g.etcd.endpoints.clone(),
                     prefix: g.etcd.prefix.clone(),
                     timeout: g.etcd.timeout,
-                    history_kept: g.etcd.history_kept.max(1),
+                    history_kept: g.etcd.history_kept,
                 })
                 .await,
             )

@@ -313,3 +313,25 @@ async fn etcd_keeps_only_the_newest_history_records() {
     assert_eq!(keys.len(), 3, "{history}");
     assert!(keys[0].ends_with("/routes/5"), "newest first: {keys:?}");
 }
+
+#[test]
+fn etcd_settings_this_build_cannot_use_are_refused_with_the_field() {
+    let (ok, err) = check(
+        "gateway:\n  config_provider: etcd\n  etcd: {endpoints: [\"https://e:2379\"], history_kept: 0}\n",
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("gateway: etcd.endpoints[0]: `https://e:2379` must start with `http://`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway: etcd.history_kept: must be at least 1"),
+        "{err}"
+    );
+    let (ok, err) = check("gateway:\n  config_provider: etcd\n  etcd: {endpoints: []}\n");
+    assert!(!ok);
+    assert!(
+        err.contains("etcd.endpoints: at least one endpoint is needed"),
+        "{err}"
+    );
+}
