@@ -507,7 +507,8 @@ impl Reloader {
                     tracing::warn!("{w}");
                 }
                 if let Some(file) = file {
-                    if settings_changed(&self.gateway, &file.gateway) {
+                    // Node settings are read at start only.
+                    if self.gateway != file.gateway {
                         tracing::warn!("gateway settings changed: they apply on restart; routes and upstreams apply now");
                     }
                 }
@@ -539,16 +540,4 @@ impl Reloader {
             }
         }
     }
-}
-
-fn settings_changed(a: &Gateway, b: &Gateway) -> bool {
-    a.listen != b.listen
-        || a.status.listen != b.status.listen
-        || a.workers != b.workers
-        || a.shutdown_timeout != b.shutdown_timeout
-        || a.client_body_timeout != b.client_body_timeout
-        || a.log_level != b.log_level
-        || a.admin.as_ref().map(|x| (&x.listen, &x.key))
-            != b.admin.as_ref().map(|x| (&x.listen, &x.key))
-        || a.dns != b.dns
 }

@@ -98,3 +98,18 @@ async fn kubernetes_style_symlink_swap_is_seen() {
     gw.wait_log("configuration reloaded", 1).await;
     assert_eq!(get(&gw.url("/")).await.unwrap().json()["name"], "b");
 }
+
+#[tokio::test]
+async fn a_changed_node_setting_is_said_to_apply_on_restart() {
+    let up = Upstream::start("a").await;
+    let gw = Gateway::proxying(&up.node()).await;
+    // Any node setting counts (data_dir was not compared before).
+    let text = format!(
+        "{}  data_dir: /tmp/elsewhere\n{}",
+        settings(gw.port, gw.status_port),
+        one_route(&up.node())
+    );
+    std::fs::write(&gw.config, text).unwrap();
+    gw.wait_log("gateway settings changed: they apply on restart", 1)
+        .await;
+}
