@@ -30,7 +30,7 @@ pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..1000 {
-        let port = 20_000 + (fastrand_u16() % 12_000);
+        let port = fastrand::u16(20_000..32_000);
         if given.contains(&port) {
             continue;
         }
@@ -45,18 +45,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A pseudo-random number, without a dependency for it.
-fn fastrand_u16() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish() as u16
 }
 
 pub fn full(data: impl Into<Bytes>) -> Body {
