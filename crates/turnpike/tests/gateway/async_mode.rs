@@ -334,11 +334,12 @@ async fn webhooks_are_signed_and_retried() {
         .unwrap()
         .to_owned();
     // The first delivery gets 500; the next, a second later, 200.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while calls.lock().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "the webhook was not retried");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        || calls.lock().unwrap().len() >= 2,
+        || "the webhook was not retried".into(),
+    )
+    .await;
     let (headers, body) = calls.lock().unwrap()[1].clone();
     assert_eq!(headers["x-turnpike-request-id"], id.as_str());
     let timestamp = headers["x-turnpike-timestamp"].to_str().unwrap();
@@ -531,11 +532,12 @@ async fn https_webhooks_are_delivered_and_their_certificates_checked() {
     assert_eq!(submit(&gw, "/a", &[]).await.status, 202);
     assert_eq!(submit(&gw, "/b", &[]).await.status, 202);
     // Unchecked: delivered over TLS (the first answer is 500, then 200).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.lock().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "{}", gw.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        || got.lock().unwrap().len() >= 2,
+        || gw.log_text(),
+    )
+    .await;
     let outcome: serde_json::Value = serde_json::from_slice(&got.lock().unwrap()[1].1).unwrap();
     assert_eq!(outcome["status"], "done");
     // Checked (the default): a self-signed certificate is refused.
@@ -555,19 +557,21 @@ async fn a_webhook_being_retried_is_delivered_after_kill_9() {
         .as_str()
         .unwrap()
         .to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while calls.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "no first delivery");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        || !calls.lock().unwrap().is_empty(),
+        || "no first delivery".into(),
+    )
+    .await;
     // Killed before its first retry (due 1 s after the failure)…
     gw.kill_and_restart().await;
     // …the delivery is still due, and goes on after the restart.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while calls.lock().unwrap().len() < 3 {
-        assert!(Instant::now() < deadline, "{}", gw.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(15),
+        || calls.lock().unwrap().len() >= 3,
+        || gw.log_text(),
+    )
+    .await;
     let (headers, body) = calls.lock().unwrap()[2].clone();
     assert_eq!(headers["x-turnpike-request-id"], id.as_str());
     let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -592,11 +596,12 @@ async fn a_clusters_webhook_is_delivered_once_by_one_node() {
         .unwrap()
         .to_owned();
     // One failure, then the retry (by either node) succeeds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while calls.lock().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "{}", a.log_text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        || calls.lock().unwrap().len() >= 2,
+        || a.log_text(),
+    )
+    .await;
     assert_eq!(
         calls.lock().unwrap()[1].0["x-turnpike-request-id"],
         id.as_str()
@@ -629,13 +634,11 @@ async fn a_queued_request_runs_the_phases_it_has_left() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.headers["x-rewritten"], "yes");
     assert_eq!(r.json()["uri"], "/job");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mirror.hits() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the queued request was not mirrored"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        Duration::from_secs(5),
+        || mirror.hits() > 0,
+        || "the queued request was not mirrored".into(),
+    )
+    .await;
     assert_eq!(up.hits(), 1);
 }

@@ -22,6 +22,16 @@ use tokio::net::TcpListener;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Waits up to `within` for `done` to hold, looking every 20 ms; fails
+/// with `why()` (asked only then).
+pub async fn wait_for(within: Duration, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A port nothing listens on right now, for a process the test starts
 /// to listen on. Taken below Linux's ephemeral range (32768 and up), so no
 /// outgoing connection of another test's gateway can take it first as its
